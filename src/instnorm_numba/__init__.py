@@ -1,0 +1,11 @@
+"""instnorm_numba: fast, accurate instance normalization on the CPU.
+
+Numba-compiled parallel kernels under a NumPy-shaped API.  Nothing is compiled at import:
+each kernel compiles (or loads from the on-disk cache) at its first use.
+"""
+
+from ._api import instance_norm
+
+__version__ = "0.1.0"
+
+__all__ = ["instance_norm", "__version__"]

@@ -1,0 +1,445 @@
+"""The NumPy-shaped API: validation, dtype promotion, layout canonicalisation, allocation and
+dispatch to a kernel.  No loops over data live here."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from . import _kernels as K
+from ._jit import dispatch
+
+__all__ = ["instance_norm"]
+
+#: below this many elements a call runs the serial kernel: a parallel launch costs more
+PARALLEL_MIN_ELEMENTS = 1 << 16
+#: an instance shorter than this is never split across threads
+SPLIT_MIN_ELEMENTS = 1 << 14
+#: a split chunk holds at least this many elements (channels-first) or rows (channels-last)
+CHUNK_MIN_ELEMENTS = 1 << 12
+
+
+# --------------------------------------------------------------------------------------------
+# argument checking
+
+
+def _fmt_shape(shape):
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def result_dtype(dtype: np.dtype, name: str = "x") -> np.dtype:
+    """float16/32/64 keep their dtype (in native byte order); integers and bools give float64."""
+    if dtype.kind == "f":
+        if dtype.itemsize in (2, 4, 8):
+            return dtype.newbyteorder("=")
+        raise TypeError(
+            f"{name} has dtype {dtype}, which is not supported: convert it to float64 first"
+        )
+    if dtype.kind in "iub":
+        return np.dtype(np.float64)
+    raise TypeError(
+        f"{name} must have a real floating, integer or bool dtype; got dtype {dtype}"
+    )
+
+
+def as_input(x, name: str = "x") -> np.ndarray:
+    """``x`` as an ndarray with ndim >= 3 and a supported dtype (no copy unless needed)."""
+    if isinstance(x, np.ndarray):
+        arr = x
+    else:
+        try:
+            arr = np.asarray(x)
+        except (ValueError, TypeError) as exc:
+            raise TypeError(f"{name} must be an array_like of real numbers; got {exc}") from None
+    result_dtype(arr.dtype, name)
+    if arr.ndim < 3:
+        raise ValueError(
+            f"{name} must have at least 3 dimensions (N, C, *spatial); got ndim={arr.ndim} "
+            f"with shape {_fmt_shape(arr.shape)}"
+        )
+    return arr
+
+
+def normalize_channel_axis(channel_axis, ndim: int) -> int:
+    if isinstance(channel_axis, bool) or not isinstance(channel_axis, numbers.Integral):
+        raise TypeError(f"channel_axis must be an integer; got {channel_axis!r}")
+    ax = operator.index(channel_axis)
+    if not -ndim <= ax < ndim:
+        raise ValueError(
+            f"channel_axis={channel_axis} is out of range for an input with ndim={ndim}"
+        )
+    ax %= ndim
+    if ax == 0:
+        raise ValueError(
+            f"channel_axis={channel_axis} names axis 0, the batch axis; the channel axis must "
+            f"be one of 1..{ndim - 1} (or -1 for channels-last)"
+        )
+    return ax
+
+
+def real_scalar(value, name: str, *, minimum=None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite; got {value!r}")
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value!r}")
+    return v
+
+
+def channel_vector(v, name: str, C: int, default: float) -> np.ndarray:
+    """weight/bias: None or array_like of shape (C,), returned as contiguous float64."""
+    if v is None:
+        return np.full(C, default)
+    try:
+        arr = np.asarray(v)
+    except (ValueError, TypeError) as exc:
+        raise TypeError(f"{name} must be None or an array_like of real numbers; got {exc}") from None
+    if arr.dtype.kind not in "fiub" or (arr.dtype.kind == "f" and arr.dtype.itemsize > 8):
+        raise TypeError(f"{name} must have a real floating, integer or bool dtype; got {arr.dtype}")
+    if arr.shape != (C,):
+        raise ValueError(
+            f"{name} must have shape ({C},) to match C={C} channels; got shape "
+            f"{_fmt_shape(arr.shape)}"
+        )
+    return np.ascontiguousarray(arr, dtype=np.float64)
+
+
+def running_vector(v, name: str, C: int, *, update: bool) -> np.ndarray:
+    if update:
+        if not isinstance(v, np.ndarray):
+            raise TypeError(
+                f"{name} must be a numpy.ndarray (it is updated in place); got {type(v).__name__}"
+            )
+        arr = v
+    else:
+        try:
+            arr = np.asarray(v)
+        except (ValueError, TypeError) as exc:
+            raise TypeError(f"{name} must be an array_like of real numbers; got {exc}") from None
+    if arr.dtype.kind != "f" or arr.dtype.itemsize > 8:
+        raise TypeError(f"{name} must have a float16, float32 or float64 dtype; got {arr.dtype}")
+    if arr.shape != (C,):
+        raise ValueError(
+            f"{name} must have shape ({C},) to match C={C} channels; got shape "
+            f"{_fmt_shape(arr.shape)}"
+        )
+    if update and not arr.flags.writeable:
+        raise ValueError(f"{name} is read-only, but use_input_stats=True updates it in place")
+    return arr
+
+
+def check_out(out, shape, dtype: np.dtype, name: str = "out") -> np.ndarray:
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray or None; got {type(out).__name__}")
+    if out.shape != tuple(shape):
+        raise ValueError(
+            f"{name} must have shape {_fmt_shape(shape)} to match x; got shape "
+            f"{_fmt_shape(out.shape)}"
+        )
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} (the result dtype); got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# layout
+
+
+@dataclass
+class Layout:
+    """An input viewed as the kernels want it, and the way back to the caller's shape."""
+
+    kind: str  # "cf": (N*C, L) rows; "cl": (N, L, C) slabs
+    axis: int
+    N: int
+    C: int
+    L: int
+    spatial: tuple
+    data: np.ndarray  # canonical, C-contiguous, of the compute dtype
+    copied: bool  # data is a private copy (x's memory is never written)
+
+    @property
+    def canonical_shape(self):
+        return (self.N * self.C, self.L) if self.kind == "cf" else (self.N, self.L, self.C)
+
+    def restore(self, y: np.ndarray) -> np.ndarray:
+        """A canonical array seen in the caller's shape (a view)."""
+        if self.kind == "cf":
+            return np.moveaxis(y.reshape((self.N, self.C) + self.spatial), 1, self.axis)
+        return np.moveaxis(y.reshape((self.N,) + self.spatial + (self.C,)), -1, self.axis)
+
+    def view(self, a: np.ndarray):
+        """``a`` (caller's shape) seen canonically without a copy, or None."""
+        if self.kind == "cf":
+            v = np.moveaxis(a, self.axis, 1)
+        else:
+            v = np.moveaxis(a, self.axis, -1)
+        if not v.flags.c_contiguous:
+            return None
+        return v.reshape(self.canonical_shape)
+
+
+def canonicalize(x: np.ndarray, axis: int, dtype: np.dtype) -> Layout:
+    """View (or, for other strides, copy once) ``x`` as channels-first rows or channels-last slabs."""
+    N, C = x.shape[0], x.shape[axis]
+    spatial = tuple(s for i, s in enumerate(x.shape) if i not in (0, axis))
+    L = math.prod(spatial)
+    same = x.dtype == dtype  # the native-order compute dtype: no conversion needed
+    if same:
+        for kind, dst in (("cf", 1), ("cl", -1)):
+            v = np.moveaxis(x, axis, dst)
+            if v.flags.c_contiguous:
+                lay = Layout(kind, axis, N, C, L, spatial, None, False)
+                lay.data = v.reshape(lay.canonical_shape)
+                return lay
+    kind = "cl" if axis == x.ndim - 1 else "cf"
+    v = np.moveaxis(x, axis, 1 if kind == "cf" else -1)
+    lay = Layout(kind, axis, N, C, L, spatial, None, True)
+    lay.data = np.ascontiguousarray(v, dtype=dtype).reshape(lay.canonical_shape)
+    return lay
+
+
+def _kernel_view(a: np.ndarray) -> np.ndarray:
+    # Numba cannot load float16: it travels as its bit pattern
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.strides == b.strides
+        and a.shape == b.shape
+    )
+
+
+def prepare_output(lay: Layout, x: np.ndarray, out, dtype: np.dtype):
+    """(canonical array the kernel writes, array returned to the caller, copy-back target).
+
+    The kernel writes straight into ``out`` when it can be seen canonically and does not
+    partly overlap the input; otherwise into a temporary copied into ``out`` afterwards, so
+    a partial overlap never gives wrong values.
+    """
+    if out is None:
+        y = np.empty(lay.canonical_shape, dtype)
+        result = lay.restore(y)
+        if lay.copied and lay.axis not in (1, x.ndim - 1):
+            return y, None, np.empty(x.shape, dtype)  # middle channel axis: C-ordered result
+        return y, result, None
+    ov = lay.view(out)
+    if ov is not None:
+        if lay.copied or not np.may_share_memory(out, x) or _same_memory(ov, lay.data):
+            return ov, out, None
+    return np.empty(lay.canonical_shape, dtype), None, out
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch
+
+
+def plan(groups: int, length: int, total: int):
+    """(parallel, nchunks): nchunks == 0 means one fused task per group."""
+    threads = numba.get_num_threads()
+    if threads < 2 or total < PARALLEL_MIN_ELEMENTS:
+        return False, 0
+    if groups >= 4 * threads or length < SPLIT_MIN_ELEMENTS or groups % threads == 0 and groups >= 2 * threads:
+        return True, 0
+    want = threads * max(1, -(-4 // groups))
+    return True, max(1, min(want, length // CHUNK_MIN_ELEMENTS))
+
+
+def moments(lay: Layout, y: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float):
+    """Normalize ``lay.data`` into ``y`` with input statistics; return (mean, var), (N, C)."""
+    N, C, L = lay.N, lay.C, lay.L
+    xk, yk = _kernel_view(lay.data), _kernel_view(y)
+    mean = np.empty((N, C))
+    var = np.empty((N, C))
+    if lay.kind == "cf":
+        parallel, nch = plan(N * C, L, N * C * L)
+    else:
+        parallel, nch = plan(N, L * C, N * C * L)
+        nch = min(nch, max(1, L // 64)) if nch else 0
+    if nch <= 1:
+        if lay.kind == "cf":
+            dispatch(K.cf_fused, parallel, xk, yk, w, b, C, eps, mean.reshape(-1), var.reshape(-1))
+        else:
+            dispatch(K.cl_fused, parallel, xk, yk, w, b, eps, mean, var)
+        return mean, var
+    G, Cp = (N * C, 1) if lay.kind == "cf" else (N, C)
+    shift = np.empty((G, Cp) if lay.kind == "cl" else (G,))
+    pn = np.empty((G, nch))
+    pmean = np.empty((G, nch, Cp))
+    pm2 = np.empty((G, nch, Cp))
+    partial = K.cf_partial if lay.kind == "cf" else K.cl_partial
+    dispatch(partial, parallel, xk, nch, shift, pn, pmean, pm2)
+    cm = np.empty((G, Cp))
+    m2 = np.empty((G, Cp))
+    K.merge_partials(pn, pmean, pm2, cm, m2)
+    v = m2 / L
+    rstd = 1.0 / np.sqrt(v + eps)
+    if lay.kind == "cf":
+        cm, v, rstd = cm[:, 0], v[:, 0], rstd[:, 0]
+        a = rstd * np.tile(w, N)
+        dispatch(K.cf_apply, parallel, xk, yk, nch, shift, cm, a, np.tile(b, N))
+    else:
+        a = rstd * w
+        dispatch(K.cl_apply, parallel, xk, yk, nch, shift, cm, a, np.broadcast_to(b, (N, C)).copy())
+    mean[...] = (shift + cm).reshape(N, C)
+    var[...] = v.reshape(N, C)
+    return mean, var
+
+
+def apply_affine(lay: Layout, y: np.ndarray, shift, a, b):
+    """``y = (x - shift) * a + b`` with per-(n, c) arrays of shape (N, C)."""
+    N, C, L = lay.N, lay.C, lay.L
+    xk, yk = _kernel_view(lay.data), _kernel_view(y)
+    zeros = np.zeros((N, C))
+    if lay.kind == "cf":
+        parallel, nch = plan(N * C, L, N * C * L)
+        nch = max(nch, 1)
+        rows = (np.ascontiguousarray(t, dtype=np.float64).reshape(-1) for t in (shift, zeros, a, b))
+        dispatch(K.cf_apply, parallel, xk, yk, nch, *rows)
+    else:
+        parallel, nch = plan(N, L * C, N * C * L)
+        nch = max(1, min(nch, max(1, L // 64)))
+        slabs = (np.ascontiguousarray(t, dtype=np.float64) for t in (shift, zeros, a, b))
+        dispatch(K.cl_apply, parallel, xk, yk, nch, *slabs)
+
+
+# --------------------------------------------------------------------------------------------
+# the public function
+
+
+def instance_norm(
+    x,
+    weight=None,
+    bias=None,
+    *,
+    eps=1e-5,
+    channel_axis=1,
+    running_mean=None,
+    running_var=None,
+    use_input_stats=True,
+    momentum=0.1,
+    out=None,
+    return_stats=False,
+):
+    """Instance normalization: normalize every ``(n, c)`` slice over its spatial elements.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]``, where ``mean`` and the biased
+    ``var`` are taken over all spatial elements of one sample ``n`` and one channel ``c``
+    (never pooled over the batch), accumulated in float64.
+
+    Parameters
+    ----------
+    x : array_like, ndim >= 3
+        Axis 0 is the batch; ``channel_axis`` is the channel axis; every other axis is spatial.
+        float16, float32 and float64 keep their dtype; integers and bools give float64, as
+        ``np.mean`` does. Other dtypes raise ``TypeError``.
+    weight, bias : array_like of shape (C,), optional
+        Per-channel scale and offset (default 1 and 0).
+    eps : float, default 1e-5
+        Added to the variance; finite and >= 0.
+    channel_axis : int, default 1
+        1 for ``(N, C, *spatial)``, -1 for channels-last ``(N, *spatial, C)``; any other axis
+        but 0 works through a copy.
+    running_mean, running_var : ndarray of shape (C,), optional
+        Given together or not at all, as in ``torch.nn.functional.instance_norm``. With
+        ``use_input_stats=True`` they are updated in place with
+        ``r = (1 - momentum) * r + momentum * s``, ``s`` being the per-instance mean, or the
+        per-instance *unbiased* variance, averaged over the batch.
+    use_input_stats : bool, default True
+        False normalizes with ``running_mean`` / ``running_var`` and updates nothing.
+    momentum : float, default 0.1
+        Weight of the new statistics in the running update.
+    out : ndarray, optional
+        Receives the result: shape of ``x``, the result dtype, writeable. ``out=x`` normalizes
+        in place.
+    return_stats : bool, default False
+        Also return ``mean`` and ``rstd = 1 / sqrt(var + eps)``, float64 of shape (N, C).
+
+    Returns
+    -------
+    y : ndarray
+        or ``(y, mean, rstd)`` with ``return_stats=True``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from instnorm_numba import instance_norm
+    >>> x = np.array([[[1.0, 2.0, 3.0, 4.0]], [[10.0, 10.0, 20.0, 20.0]]])  # N=2, C=1, L=4
+    >>> instance_norm(x, eps=0.0)
+    array([[[-1.34164079, -0.4472136 ,  0.4472136 ,  1.34164079]],
+    <BLANKLINE>
+           [[-1.        , -1.        ,  1.        ,  1.        ]]])
+    >>> y, mean, rstd = instance_norm(x, eps=0.0, return_stats=True)
+    >>> mean
+    array([[ 2.5],
+           [15. ]])
+    """
+    x = as_input(x)
+    axis = normalize_channel_axis(channel_axis, x.ndim)
+    dtype = result_dtype(x.dtype)
+    C = x.shape[axis]
+    w = channel_vector(weight, "weight", C, 1.0)
+    b = channel_vector(bias, "bias", C, 0.0)
+    eps = real_scalar(eps, "eps", minimum=0.0)
+    momentum = real_scalar(momentum, "momentum")
+    if not isinstance(use_input_stats, (bool, np.bool_)):
+        raise TypeError(f"use_input_stats must be a bool; got {use_input_stats!r}")
+    if (running_mean is None) != (running_var is None):
+        given = "running_mean" if running_var is None else "running_var"
+        raise ValueError(f"running_mean and running_var go together: only {given} was given")
+    has_running = running_mean is not None
+    if not use_input_stats and not has_running:
+        raise ValueError("use_input_stats=False needs running_mean and running_var")
+    update = has_running and bool(use_input_stats)
+    if has_running:
+        running_mean = running_vector(running_mean, "running_mean", C, update=update)
+        running_var = running_vector(running_var, "running_var", C, update=update)
+    if out is not None:
+        check_out(out, x.shape, dtype)
+    N = x.shape[0]
+    spatial = math.prod(s for i, s in enumerate(x.shape) if i not in (0, axis))
+    if update and spatial <= 1:
+        raise ValueError(
+            f"updating running statistics needs more than 1 spatial element per instance; got "
+            f"input shape {_fmt_shape(x.shape)}"
+        )
+
+    lay = canonicalize(x, axis, dtype)
+    y, result, target = prepare_output(lay, x, out, dtype)
+
+    if use_input_stats:
+        if y.size:
+            mean, var = moments(lay, y, w, b, eps)
+        else:  # no element to normalize: an instance with no elements has no statistics
+            mean, var = np.full((N, C), np.nan), np.full((N, C), np.nan)
+        rstd = 1.0 / np.sqrt(var + eps)
+    else:
+        rm = np.asarray(running_mean, dtype=np.float64)
+        rv = np.asarray(running_var, dtype=np.float64)
+        rstd = np.broadcast_to(1.0 / np.sqrt(rv + eps), (N, C))
+        mean = np.broadcast_to(rm, (N, C))
+        if y.size:
+            apply_affine(lay, y, mean, rstd * w, np.broadcast_to(b, (N, C)))
+        mean, rstd = mean.copy(), rstd.copy()
+
+    if target is not None:
+        np.copyto(target, lay.restore(y))
+        result = target
+    if update and N > 0:
+        unbiased = var * (spatial / (spatial - 1))
+        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean.mean(axis=0)
+        running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased.mean(axis=0)
+    if return_stats:
+        return result, mean, rstd
+    return result

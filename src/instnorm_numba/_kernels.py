@@ -1,0 +1,408 @@
+"""Numba kernels.  Canonical, contiguous inputs only; no validation happens here.
+
+Layouts (made by ``_api``):
+
+* channels-first: ``x`` is ``(R, L)``, one row per ``(n, c)`` instance, ``R = N*C``;
+* channels-last: ``x`` is ``(N, L, C)``, instance ``(n, c)`` is column ``c`` of slab ``n``.
+
+Element types: float32, float64, and float16 carried as its ``uint16`` bit pattern (Numba cannot
+load float16); every value is widened to float64 on load and rounded once on store.
+
+Accuracy scheme, per instance:
+
+1. a shift ``K``, the median of three samples of the instance (exactly the value of a constant
+   instance);
+2. moments of ``x - K`` block by block: each block of ``BLOCK`` elements is summed twice while it
+   sits in L1 (its mean, then its centred sum of squares, a two-pass within the block), and the
+   blocks are merged with Chan et al.'s pairwise update, the sum of squares compensated
+   (Neumaier).  Data offset far from zero (``1e6 + noise``) costs no digits: ``x - K`` is exact
+   when ``x`` and ``K`` lie within a factor of two (Sterbenz);
+3. ``y = ((x - K) - c) * a + b`` with ``c`` the mean of ``x - K``, ``a = rstd * weight``, computed
+   in float64 and rounded once.
+
+Fast-math flags are chosen per function and LLVM keeps them per instruction after inlining: the
+block reductions may be reassociated (that is what lets them vectorize), while the shift, the
+merges and the compensation are strict.  ``fastmath=True`` is never used: it assumes no NaN/Inf.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange, types
+from numba.extending import overload
+
+from ._jit import kernel
+
+# Flag sets, one per kind of loop.
+FM_STRICT = False
+FM_REDUCE = set({"reassoc", "nsz", "contract"})  # block sums: vectorized reductions
+FM_APPLY = set({"contract"})  # y = d * a + b as one fused multiply-add
+
+#: elements per block in a channels-first row (8 KiB of float64: stays in L1)
+BLOCK = 1024
+#: cap on the elements per channels-last row block
+CL_BLOCK_ELEMS = 4096
+CL_MAX_ROWS = 128
+
+# 2**(e - 25) for a float16 biased exponent e in 1..30; entry 0 serves subnormals (2**-24)
+_HALF_POW2 = np.array([2.0**-24] + [2.0 ** (e - 25) for e in range(1, 32)], dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# element conversion
+
+
+@kernel(fastmath=FM_STRICT)
+def half_to_f64(h):
+    """IEEE binary16 bit pattern (uint16) -> float64, exactly."""
+    hi = np.int64(h)
+    e = (hi >> 10) & 0x1F
+    m = hi & 0x3FF
+    if e == 31:
+        v = np.inf if m == 0 else np.nan
+    elif e == 0:
+        v = m * _HALF_POW2[0]
+    else:
+        v = (m + 1024) * _HALF_POW2[e]
+    if hi & 0x8000:
+        v = -v
+    return v
+
+
+@kernel(fastmath=FM_STRICT)
+def f64_to_half(v):
+    """float64 -> IEEE binary16 bit pattern, rounded to nearest, ties to even."""
+    if v != v:
+        return np.uint16(0x7E00)
+    sign = 0x8000 if math.copysign(1.0, v) < 0.0 else 0
+    a = abs(v)
+    if a >= 65520.0:  # halfway between 65504 and 2**16 rounds to even: infinity
+        h = 0x7C00
+    elif a >= 6.103515625e-05:  # 2**-14, smallest normal
+        mant, ex = math.frexp(a)  # a = mant * 2**ex, mant in [0.5, 1)
+        r = np.int64(np.rint(mant * 2048.0))  # 11 significant bits, ties to even
+        h = ((ex + 13) << 10) + r  # a carry into the exponent is the right answer
+    else:
+        h = np.int64(np.rint(a * 16777216.0))  # subnormal: units of 2**-24
+    return np.uint16(h | sign)
+
+
+def to64(v):  # pragma: no cover - replaced by the overload inside kernels
+    return float(v)
+
+
+@overload(to64)
+def _ov_to64(v):
+    if isinstance(v, types.Integer):
+        return lambda v: half_to_f64(v)
+    return lambda v: np.float64(v)
+
+
+def cast_like(v, arr):  # pragma: no cover - replaced by the overload inside kernels
+    return v
+
+
+@overload(cast_like)
+def _ov_cast_like(v, arr):
+    if isinstance(arr.dtype, types.Integer):
+        return lambda v, arr: f64_to_half(v)
+    if arr.dtype == types.float32:
+        return lambda v, arr: np.float32(v)
+    return lambda v, arr: v
+
+
+@kernel(fastmath=FM_STRICT)
+def _sub(a, b):
+    # kept strict: a reassociating caller must not turn sum(x - K) into sum(x) - n*K
+    return a - b
+
+
+@kernel(fastmath=FM_STRICT)
+def median3(a, b, c):
+    return max(min(a, b), min(max(a, b), c))
+
+
+@kernel(fastmath=FM_STRICT)
+def merge_moments(n, mean, m2, comp, nb, mb, m2b):
+    """Chan et al.: fold a part (nb, mb, m2b) into (n, mean, m2 + comp); m2 compensated."""
+    if nb == 0:
+        return n, mean, m2, comp
+    nn = n + nb
+    delta = mb - mean
+    mean = mean + delta * (nb / nn)
+    inc = m2b + delta * delta * (n * (nb / nn))
+    t = m2 + inc
+    if abs(m2) >= abs(inc):
+        comp += (m2 - t) + inc
+    else:
+        comp += (inc - t) + m2
+    return nn, mean, t, comp
+
+
+# --------------------------------------------------------------------------------------------
+# channels-first building blocks (one contiguous row per instance)
+
+
+@kernel(fastmath=FM_REDUCE)
+def _block_sum(x, start, stop, K):
+    s = 0.0
+    for i in range(start, stop):
+        s += _sub(to64(x[i]), K)
+    return s
+
+
+@kernel(fastmath=FM_REDUCE)
+def _block_m2(x, start, stop, K, mb):
+    s = 0.0
+    for i in range(start, stop):
+        d = _sub(_sub(to64(x[i]), K), mb)
+        s += d * d
+    return s
+
+
+@kernel(fastmath=FM_STRICT)
+def row_pilot(x):
+    """The shift K of a row: the median of its first, middle and last elements."""
+    L = x.shape[0]
+    if L == 0:
+        return 0.0
+    return median3(to64(x[0]), to64(x[L // 2]), to64(x[L - 1]))
+
+
+@kernel(fastmath=FM_STRICT)
+def row_moments(x, start, stop, K):
+    """(n, mean of x - K, M2) over x[start:stop]."""
+    n = 0.0
+    mean = 0.0
+    m2 = 0.0
+    comp = 0.0
+    b = start
+    while b < stop:
+        e = min(b + BLOCK, stop)
+        nb = e - b
+        mb = _block_sum(x, b, e, K) / nb
+        m2b = _block_m2(x, b, e, K, mb)
+        n, mean, m2, comp = merge_moments(n, mean, m2, comp, float(nb), mb, m2b)
+        b = e
+    return n, mean, m2 + comp
+
+
+@kernel(fastmath=FM_APPLY)
+def row_apply(x, y, start, stop, K, c, a, b):
+    for i in range(start, stop):
+        d = _sub(_sub(to64(x[i]), K), c)
+        y[i] = cast_like(d * a + b, y)
+
+
+# --------------------------------------------------------------------------------------------
+# channels-first kernels
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cf_fused(x, y, w, b, C, eps, mean_out, var_out):
+    """Statistics and normalization of each row in one task, while the row is hot in cache."""
+    R = x.shape[0]
+    L = x.shape[1]
+    for r in prange(R):
+        xr = x[r]
+        K = row_pilot(xr)
+        n, c, m2 = row_moments(xr, 0, L, K)
+        var = m2 / L
+        rstd = 1.0 / np.sqrt(var + eps)
+        ch = r % C
+        row_apply(xr, y[r], 0, L, K, c, rstd * w[ch], b[ch])
+        mean_out[r] = K + c
+        var_out[r] = var
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cf_partial(x, nchunks, K_out, pn, pmean, pm2):
+    """Moments of each of ``nchunks`` chunks of every row: tasks ``R * nchunks``."""
+    R = x.shape[0]
+    L = x.shape[1]
+    chunk = (L + nchunks - 1) // nchunks
+    for t in prange(R * nchunks):
+        r = t // nchunks
+        j = t - r * nchunks
+        xr = x[r]
+        K = row_pilot(xr)
+        s = min(j * chunk, L)
+        e = min(s + chunk, L)
+        n, mean, m2 = row_moments(xr, s, e, K)
+        pn[r, j] = n
+        pmean[r, j, 0] = mean
+        pm2[r, j, 0] = m2
+        if j == 0:
+            K_out[r] = K
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cf_apply(x, y, nchunks, K, c, a, b):
+    """``y = ((x - K) - c) * a + b`` with per-row K, c, a, b: tasks ``R * nchunks``."""
+    R = x.shape[0]
+    L = x.shape[1]
+    chunk = (L + nchunks - 1) // nchunks
+    for t in prange(R * nchunks):
+        r = t // nchunks
+        j = t - r * nchunks
+        s = min(j * chunk, L)
+        e = min(s + chunk, L)
+        row_apply(x[r], y[r], s, e, K[r], c[r], a[r], b[r])
+
+
+# --------------------------------------------------------------------------------------------
+# channels-last building blocks (a slab (L, C) per batch element, channels contiguous)
+
+
+@kernel(fastmath=FM_STRICT)
+def cl_rows_per_block(C):
+    return max(1, min(CL_MAX_ROWS, CL_BLOCK_ELEMS // max(C, 1)))
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_pilot(x2, K):
+    L = x2.shape[0]
+    C = x2.shape[1]
+    if L == 0:
+        K[:] = 0.0
+        return
+    for c in range(C):
+        K[c] = median3(to64(x2[0, c]), to64(x2[L // 2, c]), to64(x2[L - 1, c]))
+
+
+@kernel(fastmath=FM_STRICT)
+def _slab_block(x2, b, e, K, mb, m2b):
+    """Per-channel block mean and centred sum of squares of rows b..e (vectorized over C)."""
+    C = x2.shape[1]
+    nb = e - b
+    for c in range(C):
+        mb[c] = 0.0
+        m2b[c] = 0.0
+    for i in range(b, e):
+        for c in range(C):
+            mb[c] += _sub(to64(x2[i, c]), K[c])
+    for c in range(C):
+        mb[c] /= nb
+    for i in range(b, e):
+        for c in range(C):
+            d = _sub(_sub(to64(x2[i, c]), K[c]), mb[c])
+            m2b[c] += d * d
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_moments(x2, r0, r1, K, mean, m2):
+    """Per-channel (mean of x - K, M2) over rows r0..r1 of a slab; returns the row count."""
+    C = x2.shape[1]
+    rb = cl_rows_per_block(C)
+    comp = np.zeros(C)
+    mb = np.empty(C)
+    m2b = np.empty(C)
+    for c in range(C):
+        mean[c] = 0.0
+        m2[c] = 0.0
+    n = 0.0
+    b = r0
+    while b < r1:
+        e = min(b + rb, r1)
+        nb = float(e - b)
+        _slab_block(x2, b, e, K, mb, m2b)
+        for c in range(C):
+            _, mean[c], m2[c], comp[c] = merge_moments(n, mean[c], m2[c], comp[c], nb, mb[c], m2b[c])
+        n += nb
+        b = e
+    for c in range(C):
+        m2[c] += comp[c]
+    return n
+
+
+@kernel(fastmath=FM_APPLY)
+def slab_apply(x2, y2, r0, r1, K, cm, a, b):
+    C = x2.shape[1]
+    for i in range(r0, r1):
+        for c in range(C):
+            d = _sub(_sub(to64(x2[i, c]), K[c]), cm[c])
+            y2[i, c] = cast_like(d * a[c] + b[c], y2)
+
+
+# --------------------------------------------------------------------------------------------
+# channels-last kernels
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_fused(x, y, w, b, eps, mean_out, var_out):
+    """One task per batch element: per-channel statistics of its slab, then normalization."""
+    N = x.shape[0]
+    L = x.shape[1]
+    C = x.shape[2]
+    for n in prange(N):
+        K = np.empty(C)
+        cm = np.empty(C)
+        m2 = np.empty(C)
+        a = np.empty(C)
+        slab_pilot(x[n], K)
+        slab_moments(x[n], 0, L, K, cm, m2)
+        for c in range(C):
+            var = m2[c] / L
+            a[c] = (1.0 / np.sqrt(var + eps)) * w[c]
+            mean_out[n, c] = K[c] + cm[c]
+            var_out[n, c] = var
+        slab_apply(x[n], y[n], 0, L, K, cm, a, b)
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_partial(x, nchunks, K_out, pn, pmean, pm2):
+    """Per-channel moments of ``nchunks`` row chunks of every slab: tasks ``N * nchunks``."""
+    N = x.shape[0]
+    L = x.shape[1]
+    C = x.shape[2]
+    chunk = (L + nchunks - 1) // nchunks
+    for t in prange(N * nchunks):
+        n = t // nchunks
+        j = t - n * nchunks
+        K = np.empty(C)
+        slab_pilot(x[n], K)
+        s = min(j * chunk, L)
+        e = min(s + chunk, L)
+        pn[n, j] = slab_moments(x[n], s, e, K, pmean[n, j], pm2[n, j])
+        if j == 0:
+            K_out[n, :] = K
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_apply(x, y, nchunks, K, cm, a, b):
+    """``y = ((x - K) - cm) * a + b`` with per-(n, c) K, cm, a, b: tasks ``N * nchunks``."""
+    N = x.shape[0]
+    L = x.shape[1]
+    chunk = (L + nchunks - 1) // nchunks
+    for t in prange(N * nchunks):
+        n = t // nchunks
+        j = t - n * nchunks
+        s = min(j * chunk, L)
+        e = min(s + chunk, L)
+        slab_apply(x[n], y[n], s, e, K[n], cm[n], a[n], b[n])
+
+
+# --------------------------------------------------------------------------------------------
+# shared
+
+
+@kernel(fastmath=FM_STRICT)
+def merge_partials(pn, pmean, pm2, mean_out, m2_out):
+    """Fold chunk moments ``(G, nchunks[, C])`` into per-instance ``(G, C)`` mean and M2."""
+    G = pmean.shape[0]
+    nch = pmean.shape[1]
+    C = pmean.shape[2]
+    for g in range(G):
+        for c in range(C):
+            n = 0.0
+            mean = 0.0
+            m2 = 0.0
+            comp = 0.0
+            for j in range(nch):
+                n, mean, m2, comp = merge_moments(
+                    n, mean, m2, comp, pn[g, j], pmean[g, j, c], pm2[g, j, c]
+                )
+            mean_out[g, c] = mean
+            m2_out[g, c] = m2 + comp

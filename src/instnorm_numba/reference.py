@@ -1,0 +1,150 @@
+"""The test oracle: instance normalization in plain NumPy, in extended precision.
+
+Slow and obviously right.  Every value is widened to ``np.longdouble`` (80-bit extended on x86,
+64-bit significand), shifted by one of its instance's own elements so that data offset far
+from zero loses nothing, and reduced with NumPy's pairwise summation.  The result is rounded
+once to the result dtype, or returned unrounded with ``exact=True`` so that errors can be
+measured against it.
+
+Same signature and semantics as :func:`instnorm_numba.instance_norm` (without ``out``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+__all__ = ["instance_norm", "instance_norm_backward", "result_dtype", "ulp_error"]
+
+XP = np.longdouble
+
+
+def result_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f" and dtype.itemsize in (2, 4, 8):
+        return dtype.newbyteorder("=")
+    if dtype.kind in "iub":
+        return np.dtype(np.float64)
+    raise TypeError(f"unsupported dtype {dtype}")
+
+
+def _to_ncl(x, channel_axis):
+    x = np.asarray(x)
+    axis = channel_axis % x.ndim
+    v = np.moveaxis(x, axis, 1)
+    N, C = v.shape[:2]
+    return v.reshape(N, C, -1).astype(XP), axis, v.shape
+
+
+def _from_ncl(y, axis, moved_shape):
+    return np.moveaxis(y.reshape(moved_shape), 1, axis)
+
+
+def _moments(xl):
+    """Per-instance mean and biased variance of an (N, C, L) longdouble array."""
+    L = xl.shape[-1]
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if L == 0:
+            nan = np.full(xl.shape[:2], np.nan, dtype=XP)
+            return nan, nan.copy(), xl
+        shift = xl[..., L // 2 : L // 2 + 1]
+        d0 = xl - shift
+        m0 = d0.mean(axis=-1, keepdims=True)
+        d = d0 - m0
+        var = (d * d).mean(axis=-1)
+        return (shift + m0)[..., 0], var, d
+
+
+def instance_norm(
+    x,
+    weight=None,
+    bias=None,
+    *,
+    eps=1e-5,
+    channel_axis=1,
+    running_mean=None,
+    running_var=None,
+    use_input_stats=True,
+    momentum=0.1,
+    return_stats=False,
+    exact=False,
+):
+    """Reference forward pass.  ``exact=True`` returns longdouble arrays, unrounded."""
+    x = np.asarray(x)
+    out_dtype = XP if exact else result_dtype(x.dtype)
+    xl, axis, moved = _to_ncl(x, channel_axis)
+    N, C, L = xl.shape
+    w = np.ones(C, XP) if weight is None else np.asarray(weight).astype(XP)
+    b = np.zeros(C, XP) if bias is None else np.asarray(bias).astype(XP)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if use_input_stats:
+            mean, var, d = _moments(xl)
+        else:
+            mean = np.broadcast_to(np.asarray(running_mean).astype(XP), (N, C))
+            var = np.broadcast_to(np.asarray(running_var).astype(XP), (N, C))
+            d = xl - mean[..., None]
+        rstd = 1 / np.sqrt(var + XP(eps))
+        y = d * (rstd * w)[..., None] + b[:, None]
+        if use_input_stats and running_mean is not None and N > 0:
+            unbiased = var * XP(L) / XP(L - 1)
+            m = XP(momentum)
+            running_mean[...] = (1 - m) * running_mean.astype(XP) + m * mean.mean(axis=0)
+            running_var[...] = (1 - m) * running_var.astype(XP) + m * unbiased.mean(axis=0)
+        y = _from_ncl(y, axis, moved).astype(out_dtype)
+    if return_stats:
+        stat = XP if exact else np.float64
+        return y, np.array(mean, dtype=stat), np.array(rstd, dtype=stat)
+    return y
+
+
+def instance_norm_backward(grad_output, x, weight=None, *, eps=1e-5, channel_axis=1, exact=False):
+    """Reference training-mode gradients ``(grad_input, grad_weight, grad_bias)``.
+
+    ``dx = rstd * w * (dy - mean(dy) - xhat * mean(dy * xhat))`` per instance;
+    ``grad_weight = sum(dy * xhat)`` and ``grad_bias = sum(dy)`` over batch and spatial axes.
+    Statistics are recomputed from ``x`` with :func:`instance_norm`'s definition.
+    """
+    x = np.asarray(x)
+    out_dtype = XP if exact else result_dtype(x.dtype)
+    xl, axis, moved = _to_ncl(x, channel_axis)
+    dy = np.moveaxis(np.asarray(grad_output), axis, 1).reshape(xl.shape).astype(XP)
+    N, C, L = xl.shape
+    w = np.ones(C, XP) if weight is None else np.asarray(weight).astype(XP)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, var, d = _moments(xl)
+        rstd = (1 / np.sqrt(var + XP(eps)))[..., None]
+        xhat = d * rstd
+        mdy = dy.mean(axis=-1, keepdims=True)
+        mdyx = (dy * xhat).mean(axis=-1, keepdims=True)
+        dx = rstd * w[:, None] * (dy - mdy - xhat * mdyx)
+        gw = (dy * xhat).sum(axis=(0, 2))
+        gb = dy.sum(axis=(0, 2))
+    stat = XP if exact else np.float64
+    dx = _from_ncl(dx, axis, moved).astype(out_dtype)
+    return dx, gw.astype(stat), gb.astype(stat)
+
+
+def ulp_error(actual, exact, dtype=None) -> float:
+    """Largest ``|actual - exact| / max(1, |exact|)`` in units of the dtype's machine epsilon.
+
+    Positions where both are NaN, or both the same infinity, count as exact; a NaN or
+    infinity on one side only is an infinite error.
+    """
+    actual = np.asarray(actual)
+    dtype = np.dtype(dtype or actual.dtype)
+    a = actual.astype(XP)
+    e = np.asarray(exact).astype(XP)
+    if a.shape != e.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {e.shape}")
+    if a.size == 0:
+        return 0.0
+    with np.errstate(all="ignore"):
+        same = (np.isnan(a) & np.isnan(e)) | (a == e)
+        err = np.abs(a - e) / np.maximum(1, np.abs(e))
+        err = np.where(same, 0, err)
+        err = np.where(np.isnan(err), np.inf, err)
+    return float(err.max() / XP(np.finfo(dtype).eps))
