@@ -147,17 +147,21 @@ def merge_moments(n, mean, m2, comp, nb, mb, m2b):
 
 @kernel(fastmath=FM_REDUCE)
 def _block_sum(x, start, stop, K):
+    # loops run over a slice from 0: an index that cannot be negative needs no wraparound
+    # check, which is what lets LLVM vectorize the loop
+    xs = x[start:stop]
     s = 0.0
-    for i in range(start, stop):
-        s += _sub(to64(x[i]), K)
+    for i in range(xs.shape[0]):
+        s += _sub(to64(xs[i]), K)
     return s
 
 
 @kernel(fastmath=FM_REDUCE)
 def _block_m2(x, start, stop, K, mb):
+    xs = x[start:stop]
     s = 0.0
-    for i in range(start, stop):
-        d = _sub(_sub(to64(x[i]), K), mb)
+    for i in range(xs.shape[0]):
+        d = _sub(_sub(to64(xs[i]), K), mb)
         s += d * d
     return s
 
@@ -191,9 +195,11 @@ def row_moments(x, start, stop, K):
 
 @kernel(fastmath=FM_APPLY)
 def row_apply(x, y, start, stop, K, c, a, b):
-    for i in range(start, stop):
-        d = _sub(_sub(to64(x[i]), K), c)
-        y[i] = cast_like(d * a + b, y)
+    xs = x[start:stop]
+    ys = y[start:stop]
+    for i in range(xs.shape[0]):
+        d = _sub(_sub(to64(xs[i]), K), c)
+        ys[i] = cast_like(d * a + b, ys)
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,18 +282,19 @@ def slab_pilot(x2, K):
 def _slab_block(x2, b, e, K, mb, m2b):
     """Per-channel block mean and centred sum of squares of rows b..e (vectorized over C)."""
     C = x2.shape[1]
-    nb = e - b
+    xs = x2[b:e]
+    nb = xs.shape[0]
     for c in range(C):
         mb[c] = 0.0
         m2b[c] = 0.0
-    for i in range(b, e):
+    for i in range(nb):
         for c in range(C):
-            mb[c] += _sub(to64(x2[i, c]), K[c])
+            mb[c] += _sub(to64(xs[i, c]), K[c])
     for c in range(C):
         mb[c] /= nb
-    for i in range(b, e):
+    for i in range(nb):
         for c in range(C):
-            d = _sub(_sub(to64(x2[i, c]), K[c]), mb[c])
+            d = _sub(_sub(to64(xs[i, c]), K[c]), mb[c])
             m2b[c] += d * d
 
 
@@ -320,10 +327,12 @@ def slab_moments(x2, r0, r1, K, mean, m2):
 @kernel(fastmath=FM_APPLY)
 def slab_apply(x2, y2, r0, r1, K, cm, a, b):
     C = x2.shape[1]
-    for i in range(r0, r1):
+    xs = x2[r0:r1]
+    ys = y2[r0:r1]
+    for i in range(xs.shape[0]):
         for c in range(C):
-            d = _sub(_sub(to64(x2[i, c]), K[c]), cm[c])
-            y2[i, c] = cast_like(d * a[c] + b[c], y2)
+            d = _sub(_sub(to64(xs[i, c]), K[c]), cm[c])
+            ys[i, c] = cast_like(d * a[c] + b[c], ys)
 
 
 # --------------------------------------------------------------------------------------------
