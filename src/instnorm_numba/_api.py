@@ -8,11 +8,10 @@ import numbers
 import operator
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
 from . import _kernels as K
-from ._jit import dispatch
+from ._jit import dispatch, num_threads
 
 __all__ = ["instance_norm"]
 
@@ -247,7 +246,7 @@ def prepare_output(lay: Layout, x: np.ndarray, out, dtype: np.dtype):
 
 def plan(groups: int, length: int, total: int):
     """(parallel, nchunks): nchunks == 0 means one fused task per group."""
-    threads = numba.get_num_threads()
+    threads = num_threads()  # the caller's numba.set_num_threads(k), never changed here
     if threads < 2 or total < PARALLEL_MIN_ELEMENTS:
         return False, 0
     if groups >= 4 * threads or length < SPLIT_MIN_ELEMENTS or groups % threads == 0 and groups >= 2 * threads:
@@ -418,28 +417,31 @@ def instance_norm(
     lay = canonicalize(x, axis, dtype)
     y, result, target = prepare_output(lay, x, out, dtype)
 
-    if use_input_stats:
-        if y.size:
-            mean, var = moments(lay, y, w, b, eps)
-        else:  # no element to normalize: an instance with no elements has no statistics
-            mean, var = np.full((N, C), np.nan), np.full((N, C), np.nan)
-        rstd = 1.0 / np.sqrt(var + eps)
-    else:
-        rm = np.asarray(running_mean, dtype=np.float64)
-        rv = np.asarray(running_var, dtype=np.float64)
-        rstd = np.broadcast_to(1.0 / np.sqrt(rv + eps), (N, C))
-        mean = np.broadcast_to(rm, (N, C))
-        if y.size:
-            apply_affine(lay, y, mean, rstd * w, np.broadcast_to(b, (N, C)))
-        mean, rstd = mean.copy(), rstd.copy()
+    # NaN/Inf in the data or a zero variance with eps=0 are answers (NaN, as in PyTorch), not
+    # warnings: the arithmetic on the small statistics arrays runs quietly.
+    with np.errstate(all="ignore"):
+        if use_input_stats:
+            if y.size:
+                mean, var = moments(lay, y, w, b, eps)
+            else:  # no element to normalize: an instance with no elements has no statistics
+                mean, var = np.full((N, C), np.nan), np.full((N, C), np.nan)
+            rstd = 1.0 / np.sqrt(var + eps)
+        else:
+            rm = np.asarray(running_mean, dtype=np.float64)
+            rv = np.asarray(running_var, dtype=np.float64)
+            rstd = np.broadcast_to(1.0 / np.sqrt(rv + eps), (N, C))
+            mean = np.broadcast_to(rm, (N, C))
+            if y.size:
+                apply_affine(lay, y, mean, rstd * w, np.broadcast_to(b, (N, C)))
+            mean, rstd = mean.copy(), rstd.copy()
 
-    if target is not None:
-        np.copyto(target, lay.restore(y))
-        result = target
-    if update and N > 0:
-        unbiased = var * (spatial / (spatial - 1))
-        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean.mean(axis=0)
-        running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased.mean(axis=0)
+        if target is not None:
+            np.copyto(target, lay.restore(y))
+            result = target
+        if update and N > 0:
+            unbiased = var * (spatial / (spatial - 1))
+            running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean.mean(axis=0)
+            running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased.mean(axis=0)
     if return_stats:
         return result, mean, rstd
     return result

@@ -15,7 +15,13 @@ import warnings
 
 import numpy as np
 
-__all__ = ["instance_norm", "instance_norm_backward", "result_dtype", "ulp_error"]
+__all__ = [
+    "instance_norm",
+    "instance_norm_backward",
+    "result_dtype",
+    "ulp_error",
+    "accuracy_scale",
+]
 
 XP = np.longdouble
 
@@ -128,11 +134,50 @@ def instance_norm_backward(grad_output, x, weight=None, *, eps=1e-5, channel_axi
     return dx, gw.astype(stat), gb.astype(stat)
 
 
-def ulp_error(actual, exact, dtype=None) -> float:
-    """Largest ``|actual - exact| / max(1, |exact|)`` in units of the dtype's machine epsilon.
+def accuracy_scale(
+    x,
+    weight=None,
+    bias=None,
+    *,
+    eps=1e-5,
+    channel_axis=1,
+    running_mean=None,
+    running_var=None,
+    use_input_stats=True,
+    **_ignored,
+):
+    """``|weight| * max(1, |xhat|) + |bias|``, exactly: the size of the terms summed into ``y``.
 
-    Positions where both are NaN, or both the same infinity, count as exact; a NaN or
-    infinity on one side only is an infinite error.
+    The float64 accuracy guarantee is stated relative to this: ``xhat`` is accurate to a few
+    epsilon relative to ``max(1, |xhat|)``, and the affine step can only scale that (by
+    ``|weight|``) and add to it (``bias``); where ``xhat * weight`` and ``bias`` cancel, no
+    float64 result is accurate relative to the small sum itself.
+    """
+    x = np.asarray(x)
+    xl, axis, moved = _to_ncl(x, channel_axis)
+    N, C, L = xl.shape
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if use_input_stats:
+            _, var, d = _moments(xl)
+        else:
+            var = np.broadcast_to(np.asarray(running_var).astype(XP), (N, C))
+            d = xl - np.asarray(running_mean).astype(XP)[:, None]
+        xhat = d / np.sqrt(var + XP(eps))[..., None]
+    w = np.ones(C, XP) if weight is None else np.abs(np.asarray(weight).astype(XP))
+    b = np.zeros(C, XP) if bias is None else np.abs(np.asarray(bias).astype(XP))
+    scale = w[:, None] * np.maximum(1, np.abs(xhat)) + b[:, None]
+    return _from_ncl(scale, axis, moved)
+
+
+def ulp_error(actual, exact, dtype=None, scale=None) -> float:
+    """Largest ``|actual - exact| / max(1, |exact|, scale)`` in units of the dtype's epsilon.
+
+    ``scale`` (broadcast against ``exact``), e.g. :func:`accuracy_scale`, names the size of
+    the terms that were added to make ``exact``: where they cancel, no float64 result can be
+    accurate relative to the small sum, only relative to the terms.  Positions where
+    both are NaN, or both the same infinity, count as exact; a NaN or infinity on one side
+    only is an infinite error.
     """
     actual = np.asarray(actual)
     dtype = np.dtype(dtype or actual.dtype)
@@ -144,7 +189,10 @@ def ulp_error(actual, exact, dtype=None) -> float:
         return 0.0
     with np.errstate(all="ignore"):
         same = (np.isnan(a) & np.isnan(e)) | (a == e)
-        err = np.abs(a - e) / np.maximum(1, np.abs(e))
+        denom = np.maximum(1, np.abs(e))
+        if scale is not None:
+            denom = np.maximum(denom, np.abs(np.asarray(scale).astype(XP)))
+        err = np.abs(a - e) / denom
         err = np.where(same, 0, err)
         err = np.where(np.isnan(err), np.inf, err)
     return float(err.max() / XP(np.finfo(dtype).eps))
