@@ -45,7 +45,7 @@ def info(args) -> int:
         ("python", platform.python_version()),
         ("numpy", np.__version__),
         ("numba", numba.__version__),
-        ("threading layer", _jit.threading_layer()),
+        ("threading layer", _jit.describe()),
         ("threads", str(numba.get_num_threads())),
         ("cache directory", _cache_dir()),
         ("cpu", f"{_cpu_name()} ({os.cpu_count()} logical cores)"),
