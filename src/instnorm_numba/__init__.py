@@ -4,8 +4,17 @@ Numba-compiled parallel kernels under a NumPy-shaped API.  Nothing is compiled a
 each kernel compiles (or loads from the on-disk cache) at its first use.
 """
 
-from ._api import instance_norm
+from ._api import instance_norm, instance_norm_backward
+from .layers import InstanceNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 
 __version__ = "0.1.0"
 
-__all__ = ["instance_norm", "__version__"]
+__all__ = [
+    "instance_norm",
+    "instance_norm_backward",
+    "InstanceNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "__version__",
+]

@@ -13,7 +13,7 @@ import numpy as np
 from . import _kernels as K
 from ._jit import dispatch, num_threads
 
-__all__ = ["instance_norm"]
+__all__ = ["instance_norm", "instance_norm_backward"]
 
 #: below this many elements a call runs the serial kernel: a parallel launch costs more
 PARALLEL_MIN_ELEMENTS = 1 << 16
@@ -445,3 +445,171 @@ def instance_norm(
     if return_stats:
         return result, mean, rstd
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+
+
+def stats_matrix(v, name: str, N: int, C: int) -> np.ndarray:
+    """mean/rstd from the forward: array_like of shape (N, C), returned as a float64 copy."""
+    try:
+        arr = np.asarray(v)
+    except (ValueError, TypeError) as exc:
+        raise TypeError(f"{name} must be an array_like of real numbers; got {exc}") from None
+    if arr.dtype.kind != "f" or arr.dtype.itemsize > 8:
+        raise TypeError(
+            f"{name} must have a floating dtype (instance_norm returns float64); got {arr.dtype}"
+        )
+    if arr.shape != (N, C):
+        raise ValueError(
+            f"{name} must have shape ({N}, {C}) to match N={N} samples and C={C} channels of "
+            f"x; got shape {_fmt_shape(arr.shape)}"
+        )
+    # a private copy: the kernels must not see memory that ``out`` may share
+    return np.array(arr, dtype=np.float64, order="C", copy=True)
+
+
+def as_layout(lay: Layout, a: np.ndarray, dtype: np.dtype):
+    """``a`` (x's shape) in ``lay``'s canonical form: (array, copied). A view when possible."""
+    if a.dtype == dtype:
+        v = lay.view(a)
+        if v is not None:
+            return v, False
+    v = np.moveaxis(a, lay.axis, 1 if lay.kind == "cf" else -1)
+    return np.ascontiguousarray(v, dtype=dtype).reshape(lay.canonical_shape), True
+
+
+def backward_plan(lay: Layout):
+    """(parallel, nchunks) for the backward sweeps, split as the forward's ``moments`` does."""
+    if lay.kind == "cf":
+        return plan(lay.N * lay.C, lay.L, lay.N * lay.C * lay.L)
+    parallel, nch = plan(lay.N, lay.L * lay.C, lay.N * lay.C * lay.L)
+    return parallel, (min(nch, max(1, lay.L // 64)) if nch else 0)
+
+
+def backward_sweeps(lay: Layout, gk: np.ndarray, dx: np.ndarray, mean, rstd, w):
+    """Both sweeps into ``dx``; return per-instance sum(dy) and sum(dy * xhat), (N, C)."""
+    N, C, L = lay.N, lay.C, lay.L
+    xk, gk, dk = _kernel_view(lay.data), _kernel_view(gk), _kernel_view(dx)
+    sdy = np.empty((N, C))
+    sdyx = np.empty((N, C))
+    parallel, nch = backward_plan(lay)
+    if nch <= 1:
+        if lay.kind == "cf":
+            rows = (mean.reshape(-1), rstd.reshape(-1), w, C, sdy.reshape(-1), sdyx.reshape(-1))
+            dispatch(K.cf_bwd_fused, parallel, xk, gk, dk, *rows)
+        else:
+            dispatch(K.cl_bwd_fused, parallel, xk, gk, dk, mean, rstd, w, sdy, sdyx)
+        return sdy, sdyx
+    # few long instances: chunk sums on every thread, added per instance, then the second sweep
+    G, Cp = (N * C, 1) if lay.kind == "cf" else (N, C)
+    ps0, ps1, ps2 = (np.empty((G, nch, Cp)) for _ in range(3))
+    m = mean.reshape(G, Cp)
+    partial = K.cf_bwd_partial if lay.kind == "cf" else K.cl_bwd_partial
+    dispatch(partial, parallel, xk, gk, m.reshape(-1) if lay.kind == "cf" else m, nch, ps0, ps1, ps2)
+    wg = np.ascontiguousarray(np.broadcast_to(w, (N, C))).reshape(G, Cp)
+    xbar, a, mdy, k = (np.empty((G, Cp)) for _ in range(4))
+    K.bwd_finish(L, ps0, ps1, ps2, rstd.reshape(G, Cp), wg, xbar, a, mdy, k,
+                 sdy.reshape(G, Cp), sdyx.reshape(G, Cp))
+    coeffs = (m, xbar, a, mdy, k)
+    if lay.kind == "cf":
+        coeffs = tuple(t.reshape(-1) for t in coeffs)
+        dispatch(K.cf_bwd_apply, parallel, xk, gk, dk, nch, *coeffs)
+    else:
+        dispatch(K.cl_bwd_apply, parallel, xk, gk, dk, nch, *coeffs)
+    return sdy, sdyx
+
+
+def instance_norm_backward(grad_output, x, mean, rstd, weight=None, *, channel_axis=1, out=None):
+    """Gradients of :func:`instance_norm` (statistics from the input, i.e. training mode).
+
+    With ``xhat = (x - mean) * rstd`` and both means taken per instance ``(n, c)`` over its
+    spatial elements::
+
+        grad_input  = rstd * weight[c] * (dy - mean(dy) - xhat * mean(dy * xhat))
+        grad_weight = sum(dy * xhat)    over the batch and spatial axes
+        grad_bias   = sum(dy)           over the batch and spatial axes
+
+    Sums are accumulated in float64 and ``x - mean`` is formed in float64 (then centred with
+    its own mean, which undoes the rounding of ``mean`` to float64), so the result is as
+    accurate as the forward's.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        ``dy``, the gradient of the loss with respect to ``instance_norm``'s result: ``x``'s
+        shape and the forward's result dtype (byte order aside).
+    x : array_like, ndim >= 3
+        The forward's input, as for :func:`instance_norm` (same dtypes, layouts, strides).
+    mean, rstd : array_like of shape (N, C)
+        Exactly what ``instance_norm(x, ..., return_stats=True)`` returned (float64).
+    weight : array_like of shape (C,), optional
+        The forward's ``weight`` (default 1). ``bias`` plays no part in the gradients.
+    channel_axis : int, default 1
+        As in :func:`instance_norm`.
+    out : ndarray, optional
+        Receives ``grad_input``: shape of ``x``, the result dtype, writeable.
+        ``out=grad_output`` works in place.
+
+    Returns
+    -------
+    grad_input : ndarray
+        ``x``'s shape, the forward's result dtype (float16/32/64 kept; integers and bools
+        give float64).
+    grad_weight, grad_bias : ndarray
+        float64 of shape (C,), what ``weight`` and ``bias`` would receive, even when the
+        forward ran without them.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from instnorm_numba import instance_norm, instance_norm_backward
+    >>> x = np.array([[[1.0, 2.0, 3.0, 4.0]], [[10.0, 10.0, 20.0, 20.0]]])  # N=2, C=1, L=4
+    >>> y, mean, rstd = instance_norm(x, eps=0.0, return_stats=True)
+    >>> dy = np.array([[[1.0, 0.0, 0.0, 0.0]], [[1.0, 1.0, 1.0, 1.0]]])
+    >>> dx, dw, db = instance_norm_backward(dy, x, mean, rstd)
+    >>> dx.round(4)
+    array([[[ 0.2683, -0.3578, -0.0894,  0.1789]],
+    <BLANKLINE>
+           [[ 0.    ,  0.    ,  0.    ,  0.    ]]])
+    >>> dw, db  # sum(dy * xhat), sum(dy)
+    (array([-1.34164079]), array([5.]))
+    """
+    x = as_input(x)
+    axis = normalize_channel_axis(channel_axis, x.ndim)
+    dtype = result_dtype(x.dtype)
+    N, C = x.shape[0], x.shape[axis]
+    g = as_input(grad_output, "grad_output")
+    if g.shape != x.shape:
+        raise ValueError(
+            f"grad_output must have shape {_fmt_shape(x.shape)} to match x; got shape "
+            f"{_fmt_shape(g.shape)}"
+        )
+    if result_dtype(g.dtype, "grad_output") != dtype or g.dtype.kind != "f":
+        raise TypeError(
+            f"grad_output must have dtype {dtype} (instance_norm's result dtype for x of dtype "
+            f"{x.dtype}); got {g.dtype}"
+        )
+    mean = stats_matrix(mean, "mean", N, C)
+    rstd = stats_matrix(rstd, "rstd", N, C)
+    w = channel_vector(weight, "weight", C, 1.0)
+    if out is not None:
+        check_out(out, x.shape, dtype)
+
+    lay = canonicalize(x, axis, dtype)
+    gk, g_copied = as_layout(lay, g, dtype)
+    dx, result, target = prepare_output(lay, x, out, dtype)
+    if out is not None and target is None and not g_copied and np.may_share_memory(out, g):
+        if not _same_memory(dx, gk):  # out partly overlaps grad_output: go through a temporary
+            dx, result, target = np.empty(lay.canonical_shape, dtype), None, out
+
+    if dx.size:
+        sdy, sdyx = backward_sweeps(lay, gk, dx, mean, rstd, w)
+        grad_weight, grad_bias = sdyx.sum(axis=0), sdy.sum(axis=0)
+    else:  # nothing to sum: the gradients of weight and bias are zero
+        grad_weight, grad_bias = np.zeros(C), np.zeros(C)
+    if target is not None:
+        np.copyto(target, lay.restore(dx))
+        result = target
+    return result, grad_weight, grad_bias

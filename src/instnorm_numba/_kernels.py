@@ -415,3 +415,291 @@ def merge_partials(pn, pmean, pm2, mean_out, m2_out):
                 )
             mean_out[g, c] = mean
             m2_out[g, c] = m2 + comp
+
+
+# ============================================================================================
+# backward
+#
+# Gradients of instance normalization with statistics from the input (training mode), per
+# instance, given the forward's ``mean`` and ``rstd``:
+#
+#     d = x - mean,  S0 = sum(dy),  S1 = sum(d),  S2 = sum(dy * d)      (float64, one sweep)
+#     xbar = S1 / L                 what is left of the mean after ``mean`` was rounded
+#     sum(dy * xhat) = rstd * (S2 - xbar * S0)                (= grad_weight's share)
+#     dx = a * (dy - S0 / L) - ((d - xbar) * k),  a = rstd * w,  k = a * rstd * sum(dy*xhat) / L
+#
+# ``xhat = (d - xbar) * rstd`` is centred with its own float64 mean: ``mean`` arrives rounded
+# to float64, which on data far from zero (1e4 + noise) is off by many epsilon of the noise;
+# re-centring removes that, as the forward's shift K does.  The sums are accumulated block by
+# block (vectorized, reassociating) and the block totals compensated (Neumaier, strict), so an
+# instance of millions of elements loses nothing either.  The second sweep runs while the
+# instance is still in cache; instances split across threads (few, long instances) produce
+# per-chunk partial sums that are added afterwards, never shared accumulators.
+
+
+@kernel(fastmath=FM_STRICT)
+def neumaier_add(s, comp, v):
+    """``s + v`` with its rounding error added to ``comp``."""
+    t = s + v
+    if abs(s) >= abs(v):
+        comp += (s - t) + v
+    else:
+        comp += (v - t) + s
+    return t, comp
+
+
+@kernel(fastmath=FM_STRICT)
+def bwd_coeffs(n, s0, s1, s2, rstd, w):
+    """From one instance's sums: ``(xbar, a, mdy, k, sum(dy * xhat))`` for the second sweep."""
+    xbar = s1 / n
+    sdyx = rstd * (s2 - xbar * s0)
+    a = rstd * w
+    mdy = s0 / n
+    k = a * rstd * (sdyx / n)
+    return xbar, a, mdy, k, sdyx
+
+
+# --------------------------------------------------------------------------------------------
+# backward, channels-first building blocks
+
+
+@kernel(fastmath=FM_REDUCE)
+def _bwd_block(x, dy, start, stop, m):
+    xs = x[start:stop]
+    gs = dy[start:stop]
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(xs.shape[0]):
+        g = to64(gs[i])
+        d = _sub(to64(xs[i]), m)
+        s0 += g
+        s1 += d
+        s2 += g * d
+    return s0, s1, s2
+
+
+@kernel(fastmath=FM_STRICT)
+def row_bwd_sums(x, dy, start, stop, m):
+    """``(sum(dy), sum(x - m), sum(dy * (x - m)))`` over ``start:stop`` of one row."""
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    c0 = 0.0
+    c1 = 0.0
+    c2 = 0.0
+    b = start
+    while b < stop:
+        e = min(b + BLOCK, stop)
+        b0, b1, b2 = _bwd_block(x, dy, b, e, m)
+        s0, c0 = neumaier_add(s0, c0, b0)
+        s1, c1 = neumaier_add(s1, c1, b1)
+        s2, c2 = neumaier_add(s2, c2, b2)
+        b = e
+    return s0 + c0, s1 + c1, s2 + c2
+
+
+@kernel(fastmath=FM_APPLY)
+def row_bwd_apply(x, dy, dx, start, stop, m, xbar, a, mdy, k):
+    xs = x[start:stop]
+    gs = dy[start:stop]
+    os = dx[start:stop]
+    for i in range(xs.shape[0]):
+        e = _sub(_sub(to64(xs[i]), m), xbar)
+        t = _sub(to64(gs[i]), mdy)
+        os[i] = cast_like(a * t - e * k, os)
+
+
+# --------------------------------------------------------------------------------------------
+# backward, channels-first kernels
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cf_bwd_fused(x, dy, dx, mean, rstd, w, C, sdy_out, sdyx_out):
+    """Both sweeps of each row in one task: sums, then ``dx`` while the row is hot."""
+    R = x.shape[0]
+    L = x.shape[1]
+    for r in prange(R):
+        m = mean[r]
+        s0, s1, s2 = row_bwd_sums(x[r], dy[r], 0, L, m)
+        xbar, a, mdy, k, sdyx = bwd_coeffs(float(L), s0, s1, s2, rstd[r], w[r % C])
+        row_bwd_apply(x[r], dy[r], dx[r], 0, L, m, xbar, a, mdy, k)
+        sdy_out[r] = s0
+        sdyx_out[r] = sdyx
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cf_bwd_partial(x, dy, mean, nchunks, ps0, ps1, ps2):
+    """Sums of each of ``nchunks`` chunks of every row into ``(R, nchunks, 1)``."""
+    R = x.shape[0]
+    L = x.shape[1]
+    chunk = (L + nchunks - 1) // nchunks
+    for t in prange(R * nchunks):
+        r = t // nchunks
+        j = t - r * nchunks
+        s = min(j * chunk, L)
+        e = min(s + chunk, L)
+        ps0[r, j, 0], ps1[r, j, 0], ps2[r, j, 0] = row_bwd_sums(x[r], dy[r], s, e, mean[r])
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cf_bwd_apply(x, dy, dx, nchunks, m, xbar, a, mdy, k):
+    """Second sweep with per-row coefficients: tasks ``R * nchunks``."""
+    R = x.shape[0]
+    L = x.shape[1]
+    chunk = (L + nchunks - 1) // nchunks
+    for t in prange(R * nchunks):
+        r = t // nchunks
+        j = t - r * nchunks
+        s = min(j * chunk, L)
+        e = min(s + chunk, L)
+        row_bwd_apply(x[r], dy[r], dx[r], s, e, m[r], xbar[r], a[r], mdy[r], k[r])
+
+
+# --------------------------------------------------------------------------------------------
+# backward, channels-last building blocks (slab (L, C), vectorized over channels)
+
+
+@kernel(fastmath=FM_APPLY)
+def _slab_bwd_block(x2, g2, b, e, m, s0, s1, s2):
+    C = x2.shape[1]
+    xs = x2[b:e]
+    gs = g2[b:e]
+    for c in range(C):
+        s0[c] = 0.0
+        s1[c] = 0.0
+        s2[c] = 0.0
+    for i in range(xs.shape[0]):
+        for c in range(C):
+            g = to64(gs[i, c])
+            d = _sub(to64(xs[i, c]), m[c])
+            s0[c] += g
+            s1[c] += d
+            s2[c] += g * d
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_bwd_sums(x2, g2, r0, r1, m, S0, S1, S2):
+    """Per-channel sums over rows ``r0:r1`` of a slab into ``S0, S1, S2`` (shape (C,))."""
+    C = x2.shape[1]
+    rb = cl_rows_per_block(C)
+    b0 = np.empty(C)
+    b1 = np.empty(C)
+    b2 = np.empty(C)
+    c0 = np.zeros(C)
+    c1 = np.zeros(C)
+    c2 = np.zeros(C)
+    for c in range(C):
+        S0[c] = 0.0
+        S1[c] = 0.0
+        S2[c] = 0.0
+    b = r0
+    while b < r1:
+        e = min(b + rb, r1)
+        _slab_bwd_block(x2, g2, b, e, m, b0, b1, b2)
+        for c in range(C):
+            S0[c], c0[c] = neumaier_add(S0[c], c0[c], b0[c])
+            S1[c], c1[c] = neumaier_add(S1[c], c1[c], b1[c])
+            S2[c], c2[c] = neumaier_add(S2[c], c2[c], b2[c])
+        b = e
+    for c in range(C):
+        S0[c] += c0[c]
+        S1[c] += c1[c]
+        S2[c] += c2[c]
+
+
+@kernel(fastmath=FM_APPLY)
+def slab_bwd_apply(x2, g2, o2, r0, r1, m, xbar, a, mdy, k):
+    C = x2.shape[1]
+    xs = x2[r0:r1]
+    gs = g2[r0:r1]
+    os = o2[r0:r1]
+    for i in range(xs.shape[0]):
+        for c in range(C):
+            e = _sub(_sub(to64(xs[i, c]), m[c]), xbar[c])
+            t = _sub(to64(gs[i, c]), mdy[c])
+            os[i, c] = cast_like(a[c] * t - e * k[c], os)
+
+
+# --------------------------------------------------------------------------------------------
+# backward, channels-last kernels
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_bwd_fused(x, dy, dx, mean, rstd, w, sdy_out, sdyx_out):
+    """One task per batch element: per-channel sums of its slab, then ``dx``."""
+    N = x.shape[0]
+    L = x.shape[1]
+    C = x.shape[2]
+    for n in prange(N):
+        S0 = np.empty(C)
+        S1 = np.empty(C)
+        S2 = np.empty(C)
+        xbar = np.empty(C)
+        a = np.empty(C)
+        mdy = np.empty(C)
+        k = np.empty(C)
+        slab_bwd_sums(x[n], dy[n], 0, L, mean[n], S0, S1, S2)
+        for c in range(C):
+            xbar[c], a[c], mdy[c], k[c], sdyx_out[n, c] = bwd_coeffs(
+                float(L), S0[c], S1[c], S2[c], rstd[n, c], w[c]
+            )
+            sdy_out[n, c] = S0[c]
+        slab_bwd_apply(x[n], dy[n], dx[n], 0, L, mean[n], xbar, a, mdy, k)
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_bwd_partial(x, dy, mean, nchunks, ps0, ps1, ps2):
+    """Per-channel sums of ``nchunks`` row chunks of every slab into ``(N, nchunks, C)``."""
+    N = x.shape[0]
+    L = x.shape[1]
+    chunk = (L + nchunks - 1) // nchunks
+    for t in prange(N * nchunks):
+        n = t // nchunks
+        j = t - n * nchunks
+        s = min(j * chunk, L)
+        e = min(s + chunk, L)
+        slab_bwd_sums(x[n], dy[n], s, e, mean[n], ps0[n, j], ps1[n, j], ps2[n, j])
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_bwd_apply(x, dy, dx, nchunks, m, xbar, a, mdy, k):
+    """Second sweep with per-(n, c) coefficients: tasks ``N * nchunks``."""
+    N = x.shape[0]
+    L = x.shape[1]
+    chunk = (L + nchunks - 1) // nchunks
+    for t in prange(N * nchunks):
+        n = t // nchunks
+        j = t - n * nchunks
+        s = min(j * chunk, L)
+        e = min(s + chunk, L)
+        slab_bwd_apply(x[n], dy[n], dx[n], s, e, m[n], xbar[n], a[n], mdy[n], k[n])
+
+
+# --------------------------------------------------------------------------------------------
+# backward, shared
+
+
+@kernel(fastmath=FM_STRICT)
+def bwd_finish(L, ps0, ps1, ps2, rstd, w, xbar, a, mdy, k, sdy, sdyx):
+    """Add chunk sums ``(G, nchunks, Cp)`` per instance; coefficients into ``(G, Cp)`` arrays."""
+    G = ps0.shape[0]
+    nch = ps0.shape[1]
+    Cp = ps0.shape[2]
+    for g in range(G):
+        for c in range(Cp):
+            s0 = 0.0
+            s1 = 0.0
+            s2 = 0.0
+            c0 = 0.0
+            c1 = 0.0
+            c2 = 0.0
+            for j in range(nch):
+                s0, c0 = neumaier_add(s0, c0, ps0[g, j, c])
+                s1, c1 = neumaier_add(s1, c1, ps1[g, j, c])
+                s2, c2 = neumaier_add(s2, c2, ps2[g, j, c])
+            s0 += c0
+            xbar[g, c], a[g, c], mdy[g, c], k[g, c], sdyx[g, c] = bwd_coeffs(
+                float(L), s0, s1 + c1, s2 + c2, rstd[g, c], w[g, c]
+            )
+            sdy[g, c] = s0
