@@ -5,7 +5,16 @@ each kernel compiles (or loads from the on-disk cache) at its first use.
 """
 
 from ._api import instance_norm, instance_norm_backward
+from .layers import InstanceNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 
 __version__ = "0.1.0"
 
-__all__ = ["instance_norm", "instance_norm_backward", "__version__"]
+__all__ = [
+    "instance_norm",
+    "instance_norm_backward",
+    "InstanceNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "__version__",
+]
