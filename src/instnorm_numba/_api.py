@@ -507,11 +507,12 @@ def backward_sweeps(lay: Layout, gk: np.ndarray, dx: np.ndarray, mean, rstd, w):
     ps0, ps1, ps2 = (np.empty((G, nch, Cp)) for _ in range(3))
     m = mean.reshape(G, Cp)
     partial = K.cf_bwd_partial if lay.kind == "cf" else K.cl_bwd_partial
-    dispatch(partial, parallel, xk, gk, m.reshape(-1) if lay.kind == "cf" else m, nch, ps0, ps1, ps2)
+    mk = m.reshape(-1) if lay.kind == "cf" else m
+    dispatch(partial, parallel, xk, gk, mk, nch, ps0, ps1, ps2)
     wg = np.ascontiguousarray(np.broadcast_to(w, (N, C))).reshape(G, Cp)
     xbar, a, mdy, k = (np.empty((G, Cp)) for _ in range(4))
-    K.bwd_finish(L, ps0, ps1, ps2, rstd.reshape(G, Cp), wg, xbar, a, mdy, k,
-                 sdy.reshape(G, Cp), sdyx.reshape(G, Cp))
+    sums = (sdy.reshape(G, Cp), sdyx.reshape(G, Cp))
+    K.bwd_finish(L, ps0, ps1, ps2, rstd.reshape(G, Cp), wg, xbar, a, mdy, k, *sums)
     coeffs = (m, xbar, a, mdy, k)
     if lay.kind == "cf":
         coeffs = tuple(t.reshape(-1) for t in coeffs)
