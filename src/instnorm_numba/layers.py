@@ -325,7 +325,9 @@ class InstanceNorm:
         try:
             dy = np.asarray(grad_output)
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"grad_output must be an array_like of real numbers; got {exc}") from None
+            raise TypeError(
+                f"grad_output must be an array_like of real numbers; got {exc}"
+            ) from None
         result_dtype(dy.dtype, "grad_output")
         shape = s.x.shape[1:] if s.unbatched else s.x.shape
         if dy.shape != shape:
@@ -509,13 +511,17 @@ class InstanceNorm:
                 )
         if error_msgs:
             raise StateDictError(
-                "Error(s) in loading state_dict for {}:\n\t{}".format(klass, "\n\t".join(error_msgs))
+                "Error(s) in loading state_dict for {}:\n\t{}".format(
+                    klass, "\n\t".join(error_msgs)
+                )
             )
         for name, value in values.items():  # everything checked: now assign
             dtype = np.int64 if name == "num_batches_tracked" else self.dtype
             current = getattr(self, name)
-            if isinstance(current, np.ndarray) and current.flags.writeable and (
-                current.dtype == dtype
+            if (
+                isinstance(current, np.ndarray)
+                and current.flags.writeable
+                and (current.dtype == dtype)
             ):
                 current[...] = value
             else:

@@ -193,9 +193,7 @@ def load_cases():
             res["torch_half_loaded"] = "error" in res and any(
                 not torch.equal(before[k], v) for k, v in m.state_dict().items()
             )
-            out.append(
-                {"affine": affine, "track": track, "strict": strict, "dict": dname, **res}
-            )
+            out.append({"affine": affine, "track": track, "strict": strict, "dict": dname, **res})
     return {k: {kk: np.array(vv).tolist() for kk, vv in v.items()} for k, v in dicts.items()}, out
 
 
@@ -284,8 +282,13 @@ def main():
     rng = np.random.default_rng(20261123)
     np.savez_compressed(HERE / "torch_layers.npz", **layer_cases(rng))
     dicts, loads = load_cases()
-    meta = {"torch": torch.__version__, "C": C, "dicts": dicts, "load": loads,
-            "forward": forward_cases()}
+    meta = {
+        "torch": torch.__version__,
+        "C": C,
+        "dicts": dicts,
+        "load": loads,
+        "forward": forward_cases(),
+    }
     (HERE / "torch_layers_load.json").write_text(json.dumps(meta, indent=1) + "\n")
     state, golden = tiny_net()
     (ROOT / "examples").mkdir(exist_ok=True)
