@@ -268,7 +268,8 @@ def moments(lay: Layout, y: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float
         nch = min(nch, max(1, L // 64)) if nch else 0
     if nch <= 1:
         if lay.kind == "cf":
-            dispatch(K.cf_fused, parallel, xk, yk, w, b, C, eps, mean.reshape(-1), var.reshape(-1))
+            fused = K.cf_short if L <= K.SHORT_ROW else K.cf_fused
+            dispatch(fused, parallel, xk, yk, w, b, C, eps, mean.reshape(-1), var.reshape(-1))
         else:
             dispatch(K.cl_fused, parallel, xk, yk, w, b, eps, mean, var)
         return mean, var

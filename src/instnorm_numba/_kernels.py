@@ -203,6 +203,109 @@ def row_apply(x, y, start, stop, K, c, a, b):
 
 
 # --------------------------------------------------------------------------------------------
+# per-dtype choices
+#
+# float32 and float16 values carry 24 and 11 significant bits: in float64 there are 29 spare
+# bits, enough to take the sum and the sum of squares of ``x - K`` in one pass over each block
+# (``M2 = S2 - S1**2 / n``) and to form ``y`` as ``(x - M) * a + b`` with ``M = K + c`` rounded
+# once.  Error bounds, relative: the block one-pass loses at most ``g * 2**-52 * (1 + L / n0)``
+# of M2 (``g`` the additions per vector lane in a block, ``n0`` the elements behind the shift:
+# for a data-value shift ``M2 >= (K - mean)**2``); the single subtraction costs
+# ``|M * a| * 2**-53`` of ``max(1, |y|)``, used only while ``|M * a| <= FOLD_LIMIT``.  Both stay
+# far below the 0.5 epsilon (2**-24) left after the final rounding.  float64 input keeps the
+# two-pass blocks and the exact double subtraction: there are no spare bits.
+
+#: elements per one-pass block (float32/float16 input)
+BLOCK1 = 2048
+#: rows beyond this length take their shift from the mean of the first BLOCK elements
+SHIFT_FROM_MEAN = 1 << 12
+#: the one-subtraction apply is used while |(K + c) * a| stays below this
+FOLD_LIMIT = 2.0**16
+
+
+def wide(x):  # pragma: no cover - replaced by the overload inside kernels
+    return x.dtype == np.float64
+
+
+@overload(wide)
+def _ov_wide(x):
+    if x.dtype == types.float64:
+        return lambda x: True
+    return lambda x: False
+
+
+@kernel(fastmath=FM_REDUCE)
+def _block_sums(x, start, stop, K):
+    xs = x[start:stop]
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(xs.shape[0]):
+        d = _sub(to64(xs[i]), K)
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@kernel(fastmath=FM_STRICT)
+def row_shift(x):
+    """The shift K of a row: float32/float16 rows longer than SHIFT_FROM_MEAN use the mean of
+    their first BLOCK elements (which bounds the one-pass error by L / BLOCK), others the
+    median-of-three pilot."""
+    L = x.shape[0]
+    if L > SHIFT_FROM_MEAN and not wide(x):
+        return _block_sum(x, 0, BLOCK, 0.0) / BLOCK
+    return row_pilot(x)
+
+
+@kernel(fastmath=FM_STRICT)
+def row_moments1(x, start, stop, K):
+    """(n, mean of x - K, M2) over x[start:stop], one pass per block of BLOCK1 elements."""
+    n = 0.0
+    mean = 0.0
+    m2 = 0.0
+    comp = 0.0
+    b = start
+    while b < stop:
+        e = min(b + BLOCK1, stop)
+        nb = e - b
+        s1, s2 = _block_sums(x, b, e, K)
+        mb = s1 / nb
+        m2b = s2 - s1 * mb
+        if m2b < 0.0:
+            m2b = 0.0
+        n, mean, m2, comp = merge_moments(n, mean, m2, comp, float(nb), mb, m2b)
+        b = e
+    return n, mean, m2 + comp
+
+
+@kernel(fastmath=FM_STRICT)
+def row_stats(x, start, stop, K):
+    """(n, mean of x - K, M2): two-pass blocks for float64 input, one-pass blocks otherwise."""
+    if wide(x):
+        return row_moments(x, start, stop, K)
+    return row_moments1(x, start, stop, K)
+
+
+@kernel(fastmath=FM_APPLY)
+def _row_apply1(x, y, start, stop, M, a, b):
+    xs = x[start:stop]
+    ys = y[start:stop]
+    for i in range(xs.shape[0]):
+        ys[i] = cast_like((to64(xs[i]) - M) * a + b, ys)
+
+
+@kernel(fastmath=FM_STRICT)
+def row_normalize(x, y, start, stop, K, c, a, b):
+    """``y = ((x - K) - c) * a + b``, with one subtraction when the dtype leaves room."""
+    if not wide(x):
+        M = K + c
+        if abs(M * a) <= FOLD_LIMIT:
+            _row_apply1(x, y, start, stop, M, a, b)
+            return
+    row_apply(x, y, start, stop, K, c, a, b)
+
+
+# --------------------------------------------------------------------------------------------
 # channels-first kernels
 
 
@@ -213,12 +316,12 @@ def cf_fused(x, y, w, b, C, eps, mean_out, var_out):
     L = x.shape[1]
     for r in prange(R):
         xr = x[r]
-        K = row_pilot(xr)
-        n, c, m2 = row_moments(xr, 0, L, K)
+        K = row_shift(xr)
+        n, c, m2 = row_stats(xr, 0, L, K)
         var = m2 / L
         rstd = 1.0 / np.sqrt(var + eps)
         ch = r % C
-        row_apply(xr, y[r], 0, L, K, c, rstd * w[ch], b[ch])
+        row_normalize(xr, y[r], 0, L, K, c, rstd * w[ch], b[ch])
         mean_out[r] = K + c
         var_out[r] = var
 
@@ -233,10 +336,10 @@ def cf_partial(x, nchunks, K_out, pn, pmean, pm2):
         r = t // nchunks
         j = t - r * nchunks
         xr = x[r]
-        K = row_pilot(xr)
+        K = row_shift(xr)
         s = min(j * chunk, L)
         e = min(s + chunk, L)
-        n, mean, m2 = row_moments(xr, s, e, K)
+        n, mean, m2 = row_stats(xr, s, e, K)
         pn[r, j] = n
         pmean[r, j, 0] = mean
         pm2[r, j, 0] = m2
@@ -255,7 +358,96 @@ def cf_apply(x, y, nchunks, K, c, a, b):
         j = t - r * nchunks
         s = min(j * chunk, L)
         e = min(s + chunk, L)
-        row_apply(x[r], y[r], s, e, K[r], c[r], a[r], b[r])
+        row_normalize(x[r], y[r], s, e, K[r], c[r], a[r], b[r])
+
+
+# --------------------------------------------------------------------------------------------
+# short rows: many tiny instances (L up to SHORT_ROW)
+#
+# Per-row overhead dominates here: no slices, no blocks, no merges, no division to find the
+# channel.  The shift is the row's first element, so the one-pass sums lose at most
+# ``L * 2**-53`` of M2 relative (``M2 >= (K - mean)**2``).
+
+#: rows up to this length take the short-row kernel
+SHORT_ROW = 256
+#: rows per task of the short-row kernel
+SHORT_ROWS_PER_TASK = 64
+
+
+@kernel(fastmath=FM_REDUCE)
+def _short_sums(x, r, K):
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(x.shape[1]):
+        d = _sub(to64(x[r, i]), K)
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@kernel(fastmath=FM_REDUCE)
+def _short_sum(x, r, K):
+    s = 0.0
+    for i in range(x.shape[1]):
+        s += _sub(to64(x[r, i]), K)
+    return s
+
+
+@kernel(fastmath=FM_REDUCE)
+def _short_m2(x, r, K, c):
+    s = 0.0
+    for i in range(x.shape[1]):
+        d = _sub(_sub(to64(x[r, i]), K), c)
+        s += d * d
+    return s
+
+
+@kernel(fastmath=FM_APPLY)
+def _short_apply1(x, y, r, M, a, b):
+    for i in range(x.shape[1]):
+        y[r, i] = cast_like((to64(x[r, i]) - M) * a + b, y)
+
+
+@kernel(fastmath=FM_APPLY)
+def _short_apply(x, y, r, K, c, a, b):
+    for i in range(x.shape[1]):
+        d = _sub(_sub(to64(x[r, i]), K), c)
+        y[r, i] = cast_like(d * a + b, y)
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cf_short(x, y, w, b, C, eps, mean_out, var_out):
+    """``cf_fused`` for short rows (``0 < L <= SHORT_ROW``): a block of rows per task."""
+    R = x.shape[0]
+    L = x.shape[1]
+    ntasks = (R + SHORT_ROWS_PER_TASK - 1) // SHORT_ROWS_PER_TASK
+    for t in prange(ntasks):
+        r0 = t * SHORT_ROWS_PER_TASK
+        r1 = min(r0 + SHORT_ROWS_PER_TASK, R)
+        ch = r0 % C
+        for r in range(r0, r1):
+            K = to64(x[r, 0])
+            if wide(x):
+                c = _short_sum(x, r, K) / L
+                m2 = _short_m2(x, r, K, c)
+            else:
+                s1, s2 = _short_sums(x, r, K)
+                c = s1 / L
+                m2 = s2 - s1 * c
+                if m2 < 0.0:
+                    m2 = 0.0
+            var = m2 / L
+            a = w[ch] / np.sqrt(var + eps)
+            M = K + c
+            if not wide(x) and abs(M * a) <= FOLD_LIMIT:
+                _short_apply1(x, y, r, M, a, b[ch])
+            else:
+                _short_apply(x, y, r, K, c, a, b[ch])
+            mean_out[r] = M
+            var_out[r] = var
+            ch += 1
+            if ch == C:
+                ch = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,11 +490,40 @@ def _slab_block(x2, b, e, K, mb, m2b):
             m2b[c] += d * d
 
 
+#: one-pass (float32/float16) channels-last blocks: elements and rows per block
+CL_BLOCK_ELEMS1 = 16384
+CL_MAX_ROWS1 = 256
+
+
+@kernel(fastmath=FM_REDUCE)
+def _slab_block1(x2, b, e, K, mb, m2b):
+    """Per-channel block mean and M2 of rows b..e in one pass (float32/float16 input)."""
+    C = x2.shape[1]
+    xs = x2[b:e]
+    nb = xs.shape[0]
+    for c in range(C):
+        mb[c] = 0.0
+        m2b[c] = 0.0
+    for i in range(nb):
+        for c in range(C):
+            d = _sub(to64(xs[i, c]), K[c])
+            mb[c] += d
+            m2b[c] += d * d
+    for c in range(C):
+        s1 = mb[c]
+        mb[c] = s1 / nb
+        v = m2b[c] - s1 * mb[c]
+        m2b[c] = 0.0 if v < 0.0 else v
+
+
 @kernel(fastmath=FM_STRICT)
 def slab_moments(x2, r0, r1, K, mean, m2):
     """Per-channel (mean of x - K, M2) over rows r0..r1 of a slab; returns the row count."""
     C = x2.shape[1]
-    rb = cl_rows_per_block(C)
+    if wide(x2):
+        rb = cl_rows_per_block(C)
+    else:
+        rb = max(1, min(CL_MAX_ROWS1, CL_BLOCK_ELEMS1 // max(C, 1)))
     comp = np.zeros(C)
     mb = np.empty(C)
     m2b = np.empty(C)
@@ -314,7 +535,10 @@ def slab_moments(x2, r0, r1, K, mean, m2):
     while b < r1:
         e = min(b + rb, r1)
         nb = float(e - b)
-        _slab_block(x2, b, e, K, mb, m2b)
+        if wide(x2):
+            _slab_block(x2, b, e, K, mb, m2b)
+        else:
+            _slab_block1(x2, b, e, K, mb, m2b)
         for c in range(C):
             _, mean[c], m2[c], comp[c] = merge_moments(n, mean[c], m2[c], comp[c], nb, mb[c], m2b[c])
         n += nb
@@ -333,6 +557,34 @@ def slab_apply(x2, y2, r0, r1, K, cm, a, b):
         for c in range(C):
             d = _sub(_sub(to64(xs[i, c]), K[c]), cm[c])
             ys[i, c] = cast_like(d * a[c] + b[c], ys)
+
+
+@kernel(fastmath=FM_APPLY)
+def _slab_apply1(x2, y2, r0, r1, M, a, b):
+    C = x2.shape[1]
+    xs = x2[r0:r1]
+    ys = y2[r0:r1]
+    for i in range(xs.shape[0]):
+        for c in range(C):
+            ys[i, c] = cast_like((to64(xs[i, c]) - M[c]) * a[c] + b[c], ys)
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_normalize(x2, y2, r0, r1, K, cm, a, b):
+    """``y = ((x - K) - cm) * a + b`` per channel; one subtraction when the dtype leaves room
+    (see ``row_normalize``)."""
+    if not wide(x2):
+        C = x2.shape[1]
+        M = np.empty(C)
+        fold = True
+        for c in range(C):
+            M[c] = K[c] + cm[c]
+            if not abs(M[c] * a[c]) <= FOLD_LIMIT:
+                fold = False
+        if fold:
+            _slab_apply1(x2, y2, r0, r1, M, a, b)
+            return
+    slab_apply(x2, y2, r0, r1, K, cm, a, b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,7 +609,7 @@ def cl_fused(x, y, w, b, eps, mean_out, var_out):
             a[c] = (1.0 / np.sqrt(var + eps)) * w[c]
             mean_out[n, c] = K[c] + cm[c]
             var_out[n, c] = var
-        slab_apply(x[n], y[n], 0, L, K, cm, a, b)
+        slab_normalize(x[n], y[n], 0, L, K, cm, a, b)
 
 
 @kernel(fastmath=FM_STRICT, parallel=True)
@@ -390,7 +642,7 @@ def cl_apply(x, y, nchunks, K, cm, a, b):
         j = t - n * nchunks
         s = min(j * chunk, L)
         e = min(s + chunk, L)
-        slab_apply(x[n], y[n], s, e, K[n], cm[n], a[n], b[n])
+        slab_normalize(x[n], y[n], s, e, K[n], cm[n], a[n], b[n])
 
 
 # --------------------------------------------------------------------------------------------
