@@ -233,8 +233,7 @@ class InstanceNorm:
 
     def _batched(self, x):
         """``x`` as an ndarray with a batch axis; whether one was added."""
-        x = as_input(x) if type(self) is InstanceNorm else self._check_input_dim(x)
-        return x, False
+        return as_input(x), False
 
     def _feature_dim(self, x: np.ndarray) -> int:
         return normalize_channel_axis(self.channel_axis, x.ndim)
