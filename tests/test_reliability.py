@@ -561,3 +561,254 @@ def test_set_num_threads_is_honoured_and_restored(monkeypatch):
         numba.set_num_threads(before)
     assert ref.ulp_error(y1, ref.instance_norm(x, exact=True), scale=None) <= 4
     assert ref.ulp_error(y2, ref.instance_norm(x, exact=True), scale=None) <= 4
+
+
+# ----------------------------------------------------------------------------------------------
+# hostile input, property-tested against the reference
+
+#: the accuracy guarantee (README "Accuracy"), in epsilons of the result dtype, relative to
+#: max(1, |y|) -- for float64 also to ``reference.accuracy_scale`` (weight/bias cancellation).
+#: float64: README promises 4, which hypothesis found broken on many-instance inputs (up to
+#: ~6.6 eps, see test_float64_guarantee_on_many_instances below, a strict xfail); asserted here
+#: at 8 until the engine is fixed, so that the rest of the property still runs.
+TOL_EPS = {np.dtype(np.float16): 1.0, np.dtype(np.float32): 1.0, np.dtype(np.float64): 8.0}
+
+#: running statistics: float32 ones are rounded once from float64 (1 eps); float64 ones carry
+#: the variance's own error, ~10 eps on long instances (the unbiased correction and the
+#: blend add a few roundings), measured relative to |(1 - m) r| + |m s|
+RUNNING_TOL_EPS = {np.dtype(np.float32): 1.0, np.dtype(np.float64): 16.0}
+
+HYPOTHESIS = settings(
+    derandomize=True,  # the same examples in CI as here
+    max_examples=int(os.environ.get("INSTNORM_HYPOTHESIS_EXAMPLES", "800")),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+X_DTYPES = ["f2", "f4", "f8", ">f2", ">f4", ">f8", "i1", "u1", "i2", ">i4", "i8", "u8", "?"]
+VALUE_KINDS = ["normal", "offset", "constant", "extreme", "subnormal", "tiny-spread", "integer"]
+
+
+def _values(r, shape, dtype: np.dtype, kind: str) -> np.ndarray:
+    """float64 values of one kind, representable in ``dtype`` (integers within 2**53)."""
+    if dtype.kind == "b":
+        return (r.random(shape) > 0.5).astype(np.float64)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        lo, hi = max(info.min, -(2**53)), min(info.max, 2**53)
+        if kind in ("offset", "extreme"):
+            base = r.integers(lo, hi, dtype=np.int64, endpoint=True)
+            v = base + r.integers(-3, 4, shape)
+        else:
+            v = r.integers(max(lo, -100), min(hi, 100), shape, endpoint=True)
+        return np.clip(v, lo, hi).astype(np.float64)
+    big = float(np.finfo(dtype).max)
+    tiny = float(np.finfo(dtype).smallest_subnormal)
+    if kind == "normal":
+        v = r.standard_normal(shape) * 10.0 ** r.integers(-3, 4)
+    elif kind == "offset":  # far from zero, small spread: a naive sum of squares loses it all
+        off = {2: 1e3, 4: 1e6, 8: 1e12}[dtype.itemsize] * r.choice([-1, 1])
+        v = off + r.standard_normal(shape) * {2: 4.0, 4: 1.0, 8: 1e-2}[dtype.itemsize]
+    elif kind == "constant":
+        v = np.full(shape, r.standard_normal() * 100)
+    elif kind == "extreme":  # near the dtype's limit (float32: 3e38), both signs
+        v = r.uniform(0.5, 1.0, shape) * big * r.choice([-1, 1], shape)
+        if dtype.itemsize == 8:
+            v *= 1e-160  # float64: the squared spread must stay finite (README "Accuracy")
+    elif kind == "subnormal":
+        v = r.integers(-20, 21, shape) * tiny
+    elif kind == "tiny-spread":  # one instance varying in its last bits
+        v = 1.0 + r.integers(0, 3, shape) * float(np.finfo(dtype).eps)
+    else:
+        v = r.integers(-5, 6, shape).astype(np.float64)
+    return v
+
+
+@st.composite
+def cases(draw):
+    seed = draw(st.integers(0, 2**32 - 1))
+    r = np.random.default_rng(seed)
+    ndim = draw(st.integers(3, 5))
+    big = draw(st.sampled_from([False] * 9 + [True]))  # now and then: parallel / split paths
+    if big:
+        shape = [draw(st.integers(1, 2)), draw(st.integers(1, 3))]
+        shape += [draw(st.sampled_from([1, 2, 3]))] * (ndim - 3) + [draw(st.integers(23000, 70000))]
+    else:
+        sizes = st.sampled_from([0, 1, 1, 2, 3, 4, 5, 7])
+        shape = [draw(sizes) for _ in range(ndim)]
+    axis = draw(st.integers(1, ndim - 1))
+    channel_axis = draw(st.sampled_from([axis, axis - ndim]))
+    dtype = np.dtype(draw(st.sampled_from(X_DTYPES)))
+    kind = draw(st.sampled_from(VALUE_KINDS))
+    layout = draw(st.sampled_from(["C", "F", "strided", "reversed", "transposed"]))
+    # the values, in a layout
+    shape = tuple(shape)
+    if layout == "strided":
+        full = _values(r, shape[:-1] + (2 * shape[-1] + 1,), dtype, kind)
+        vals = full[..., 1::2]
+    else:
+        vals = _values(r, shape, dtype, kind)
+    nonfinite = draw(st.sampled_from(["none"] * 3 + ["nan", "inf", "mixed"]))
+    if nonfinite != "none" and dtype.kind == "f" and vals.size:
+        k = draw(st.integers(1, 3))
+        for _ in range(k):
+            idx = tuple(r.integers(0, s) for s in vals.shape)
+            bad = {"nan": np.nan, "inf": np.inf * r.choice([-1, 1])}.get(
+                nonfinite, r.choice([np.nan, np.inf, -np.inf])
+            )
+            vals[idx] = bad
+    with np.errstate(all="ignore"):
+        x = vals.astype(dtype)
+    if layout == "F":
+        x = np.asfortranarray(x)
+    elif layout == "reversed":
+        x = x[::-1, ..., ::-1]
+    elif layout == "transposed" and ndim >= 4:
+        x = np.ascontiguousarray(np.swapaxes(x, -1, -2)).swapaxes(-1, -2)
+    C = x.shape[channel_axis]
+    kw = {"channel_axis": channel_axis, "eps": draw(st.sampled_from([1e-5, 0.0, 1e-3, 1.0]))}
+    if kind == "subnormal" and dtype.itemsize == 8 and kw["eps"] == 0.0:
+        # documented limit: float64 statistics are float64, so with eps=0 a spread below
+        # ~1e-154 squares to 0 (and one above ~1e154 to inf); eps > 0 is fine
+        kw["eps"] = 1e-300
+    weight = bias = None
+    if draw(st.booleans()):
+        weight = (r.standard_normal(C) * 3).astype(draw(st.sampled_from(["f8", "f4", "i4"])))
+    if draw(st.booleans()):
+        bias = r.standard_normal(C) * 3
+    running = draw(st.sampled_from(["none", "none", "update", "eval"]))
+    if running != "none":
+        rdt = draw(st.sampled_from(["f8", "f4"]))
+        kw["running_mean"] = (r.standard_normal(C) * 2).astype(rdt)
+        kw["running_var"] = r.uniform(0.1, 5.0, C).astype(rdt)
+        kw["use_input_stats"] = running == "update"
+        kw["momentum"] = draw(st.sampled_from([0.1, 0.0, 1.0, 0.5]))
+    out = draw(st.sampled_from(["none", "none", "fresh", "fresh-F", "alias", "overlap"]))
+    return x, weight, bias, kw, out, draw(st.booleans())
+
+
+def _expect_error(x, kw):
+    """The documented exception a case must raise, or None."""
+    axis = kw["channel_axis"] % x.ndim
+    spatial = int(np.prod([s for i, s in enumerate(x.shape) if i not in (0, axis)]))
+    if kw.get("use_input_stats", True) and "running_mean" in kw and spatial <= 1:
+        return ValueError, "running statistics"
+    return None
+
+
+@HYPOTHESIS
+@given(cases())
+def test_hostile_input_matches_reference_or_raises_documented_error(case):
+    x, weight, bias, kw, out_kind, return_stats = case
+    rdt = ref.result_dtype(x.dtype)
+    before = x.copy()
+    running_before = {k: kw[k].copy() for k in ("running_mean", "running_var") if k in kw}
+    out = None
+    x_call = x
+    if out_kind == "fresh":
+        out = np.full(x.shape, 7, rdt)
+    elif out_kind == "fresh-F":
+        out = np.asfortranarray(np.full(x.shape, 7, rdt))
+    elif out_kind == "alias":
+        out = x  # a dtype other than the result dtype must be refused (documented TypeError)
+    elif out_kind == "overlap" and x.shape[-1] >= 1 and x.dtype == rdt:
+        # x and out are shifted views of one buffer: a partial overlap
+        buf = np.zeros(x.shape[:-1] + (x.shape[-1] + 1,), rdt)
+        buf[..., :-1] = x
+        x_call, out = buf[..., :-1], buf[..., 1:]
+
+    expected_error = _expect_error(x, kw)
+    if out is x and x.dtype != rdt:
+        expected_error = (TypeError, "out must have dtype")
+    if expected_error is not None:
+        exc_type, match = expected_error
+        with pytest.raises(exc_type, match=match) as info:
+            instnorm_numba.instance_norm(x_call, weight, bias, out=out, **kw)
+        assert type(info.value) is exc_type
+        np.testing.assert_array_equal(x_call, before)
+        for k, v in running_before.items():  # nothing half-done on error
+            np.testing.assert_array_equal(kw[k], v)
+        return
+
+    ref_kw = dict(kw)
+    for k in running_before:
+        ref_kw[k] = running_before[k].copy()  # the reference updates its own copies
+    xin = before.astype(np.float64) if before.dtype.kind in "iub" else before
+    exact, emean, erstd = ref.instance_norm(
+        xin, weight, bias, return_stats=True, exact=True, **ref_kw
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no stray RuntimeWarning from NaN/Inf input
+        res = instnorm_numba.instance_norm(
+            x_call, weight, bias, out=out, return_stats=return_stats, **kw
+        )
+    y, mean, rstd = res if return_stats else (res, None, None)
+    assert isinstance(y, np.ndarray) and y.dtype == rdt and y.shape == x.shape
+    if out is not None:
+        assert y is out
+    else:
+        np.testing.assert_array_equal(x_call, before)  # the input is unchanged
+
+    scale = None
+    if rdt == np.float64:
+        scale = ref.accuracy_scale(xin, weight, bias, **{k: v for k, v in ref_kw.items()
+                                                         if k != "momentum"})
+    with np.errstate(all="ignore"):  # results beyond the dtype's range are correctly +-inf
+        overflow = np.isfinite(exact) & np.isinf(exact.astype(rdt))
+        exact = np.where(overflow, exact.astype(rdt).astype(exact.dtype), exact)
+    err = ref.ulp_error(y, exact, dtype=rdt, scale=scale)
+    assert err <= TOL_EPS[rdt], f"error {err:.3g} eps of {rdt}"
+
+    if return_stats:
+        assert mean.dtype == rstd.dtype == np.float64 and mean.shape == rstd.shape
+        for got, want in ((mean, emean), (rstd, erstd)):
+            want = np.asarray(want, dtype=np.float64)
+            if not kw.get("use_input_stats", True):
+                want = np.broadcast_to(want, got.shape)
+            # non-finite exactly where the reference is (the reference's NaN may be -inf
+            # here: the mean of [1, -inf, 2] is -inf, and NumPy agrees)
+            fin = np.isfinite(want)
+            np.testing.assert_array_equal(np.isfinite(got), fin)
+            spread = np.where(np.isfinite(erstd) & (erstd > 0), 1 / erstd.astype(np.float64), 0)
+            spread = np.broadcast_to(spread, got.shape)
+            tol = 1e-13 * (np.abs(want) + spread) + 1e-300
+            assert np.all(np.abs(got[fin] - want[fin]) <= tol[fin])
+
+    if running_before and kw["use_input_stats"]:
+        # the batch statistic s itself (momentum 1), to scale the error of (1-m) r + m s
+        s_kw = {**ref_kw, "momentum": 1.0}
+        for k in running_before:
+            s_kw[k] = running_before[k].astype(np.float64)
+        ref.instance_norm(xin, weight, bias, **s_kw)
+    for k, old in running_before.items():  # running statistics updated as the reference does
+        got, want = kw[k], ref_kw[k]
+        assert got.dtype == old.dtype
+        if not kw["use_input_stats"]:
+            np.testing.assert_array_equal(got, old)
+        else:
+            m = kw["momentum"]
+            with np.errstate(all="ignore"):
+                scale = abs(1 - m) * np.abs(old.astype(np.float64)) + abs(m) * np.abs(s_kw[k])
+            # an Inf in the input may give -inf or NaN statistics: non-finite either way
+            fin = np.isfinite(want)
+            np.testing.assert_array_equal(np.isfinite(got), fin)
+            err = ref.ulp_error(got[fin], want[fin], dtype=got.dtype, scale=scale[fin])
+            assert err <= RUNNING_TOL_EPS[got.dtype], (k, err, got, want)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug found by the property test: float64 results reach ~5-7 eps (README "
+    "promises 4) on inputs with thousands of instances, because the block mean c of x - K "
+    "carries ~3 eps of the spread. A corrected two-pass mean (c += sum((x - K) - c) / n, "
+    "summed in the M2 pass) measured 3.2 eps on the same inputs.",
+)
+@pytest.mark.parametrize(
+    "shape,channel_axis", [((1, 4096, 200), 1), ((1, 2, 3, 3, 23000), 4)], ids=["cf", "cl"]
+)
+def test_float64_guarantee_on_many_instances(shape, channel_axis):
+    x = np.random.default_rng(0).standard_normal(shape) * 1e-2
+    y = instnorm_numba.instance_norm(x, channel_axis=channel_axis)
+    exact = ref.instance_norm(x, channel_axis=channel_axis, exact=True)
+    assert ref.ulp_error(y, exact) <= 4.0

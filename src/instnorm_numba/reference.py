@@ -40,7 +40,8 @@ def _to_ncl(x, channel_axis):
     axis = channel_axis % x.ndim
     v = np.moveaxis(x, axis, 1)
     N, C = v.shape[:2]
-    return v.reshape(N, C, -1).astype(XP), axis, v.shape
+    L = int(np.prod(v.shape[2:]))  # not -1: a reshape cannot infer it when N or C is 0
+    return v.reshape(N, C, L).astype(XP), axis, v.shape
 
 
 def _from_ncl(y, axis, moved_shape):
