@@ -266,6 +266,30 @@ def test_central_finite_differences(channel_axis):
     np.testing.assert_allclose(gb, fd(f, bc), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("channel_axis", [1, -1])
+def test_reference_matches_finite_differences(channel_axis):
+    """The oracle itself, checked independently of our kernels."""
+    x, dy, w, b = _fd_case(channel_axis)
+    dx, gw, gb = ref.instance_norm_backward(dy, x, w, channel_axis=channel_axis)
+    h = 1e-6
+    for i in [(0, 0, 0, 0), (1, 2, 3, 1), (0, 1, 2, 2), (1, 2, 1, 0)]:
+        up, down = x.copy(), x.copy()
+        up[i] += h
+        down[i] -= h
+        fd = np.sum(
+            dy
+            * (
+                ref.instance_norm(up, w, b, channel_axis=channel_axis)
+                - ref.instance_norm(down, w, b, channel_axis=channel_axis)
+            )
+        ) / (2 * h)
+        assert abs(dx[i] - fd) <= 1e-6 * max(1, abs(fd))
+    xn = np.moveaxis(ref.instance_norm(x, channel_axis=channel_axis), channel_axis, 1)
+    dyn = np.moveaxis(dy, channel_axis, 1)
+    np.testing.assert_allclose(gw, (dyn * xn).sum(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(gb, dyn.sum(axis=(0, 2, 3)), rtol=1e-12)
+
+
 _GOLD = np.load(GOLDEN)
 _GOLD_CASES = sorted({k.split("/", 1)[0] for k in _GOLD.files})
 
