@@ -395,6 +395,8 @@ def instance_norm(
     momentum = real_scalar(momentum, "momentum")
     if not isinstance(use_input_stats, (bool, np.bool_)):
         raise TypeError(f"use_input_stats must be a bool; got {use_input_stats!r}")
+    if not isinstance(return_stats, (bool, np.bool_)):
+        raise TypeError(f"return_stats must be a bool; got {return_stats!r}")
     if (running_mean is None) != (running_var is None):
         given = "running_mean" if running_var is None else "running_var"
         raise ValueError(f"running_mean and running_var go together: only {given} was given")
@@ -411,8 +413,9 @@ def instance_norm(
     spatial = math.prod(s for i, s in enumerate(x.shape) if i not in (0, axis))
     if update and spatial <= 1:
         raise ValueError(
-            f"updating running statistics needs more than 1 spatial element per instance; got "
-            f"input shape {_fmt_shape(x.shape)}"
+            f"updating running statistics (running_mean, running_var with use_input_stats=True) "
+            f"needs more than 1 spatial element per instance; got x of shape "
+            f"{_fmt_shape(x.shape)}"
         )
 
     lay = canonicalize(x, axis, dtype)
