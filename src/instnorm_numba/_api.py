@@ -538,7 +538,9 @@ def instance_norm_backward(grad_output, x, mean, rstd, weight=None, *, channel_a
 
     Sums are accumulated in float64 and ``x - mean`` is formed in float64 (then centred with
     its own mean, which undoes the rounding of ``mean`` to float64), so the result is as
-    accurate as the forward's.
+    accurate as the forward's.  This is the gradient of the training-mode forward only
+    (``use_input_stats=True``); with running statistics the forward is affine in ``x`` and
+    its gradient is simply ``dy * rstd * weight[c]``.
 
     Parameters
     ----------
