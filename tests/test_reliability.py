@@ -7,6 +7,7 @@ with a timeout, so a crash fails one test instead of killing the run.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pathlib
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import tracemalloc
 import warnings
 
 import numba
@@ -1426,3 +1428,136 @@ def test_errors_leave_arguments_untouched():
     np.testing.assert_array_equal(rm, np.full(3, 0.5))
     np.testing.assert_array_equal(rv, np.full(3, 2.0))
     np.testing.assert_array_equal(out, np.full((2, 3, 4), 7.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# no leaks
+
+RSS_SLACK = 4 * 2**20  # "within a few MB": the allocator may keep a few pages
+
+
+def _leak_calls():
+    """One representative call per public name, on fixed arrays (every option exercised)."""
+    r = np.random.default_rng(0)
+    x = r.standard_normal((4, 8, 32, 32)).astype(np.float32)
+    dy = r.standard_normal(x.shape).astype(np.float32)
+    out = np.empty_like(x)
+    rm, rv = np.zeros(8), np.ones(8)
+    w, b = np.linspace(0.5, 2, 8), np.zeros(8)
+    calls = {
+        "instance_norm": lambda: (
+            instnorm_numba.instance_norm(x, w, b, return_stats=True),
+            instnorm_numba.instance_norm(x, out=out, running_mean=rm, running_var=rv),
+            instnorm_numba.instance_norm(x, running_mean=rm, running_var=rv, use_input_stats=False),
+            instnorm_numba.instance_norm(x.astype(np.float16)[:, :, ::2], channel_axis=-1),
+        )
+    }
+    if HAVE_BACKWARD:
+        _, mean, rstd = instnorm_numba.instance_norm(x, w, return_stats=True)
+        calls["instance_norm_backward"] = lambda: (
+            instnorm_numba.instance_norm_backward(dy, x, mean, rstd, w),
+            instnorm_numba.instance_norm_backward(dy, x, mean, rstd, w, out=out),
+        )
+    if HAVE_LAYERS:
+        shapes = {
+            "InstanceNorm": x.shape,
+            "InstanceNorm1d": (4, 8, 64),
+            "InstanceNorm2d": x.shape,
+            "InstanceNorm3d": (2, 8, 8, 8, 8),
+        }
+        for name, shape in shapes.items():
+            layer = getattr(instnorm_numba, name)(8, affine=True, track_running_stats=True)
+            xs = r.standard_normal(shape).astype(np.float32)
+            gs = r.standard_normal(shape).astype(np.float32)
+
+            def call(layer=layer, xs=xs, gs=gs):
+                layer.train()
+                layer(xs)
+                layer.backward(gs)
+                layer.eval()
+                return layer(xs)
+
+            calls[name] = call
+    return calls
+
+
+def test_leak_table_covers_every_public_function():
+    assert set(_leak_calls()) == PUBLIC
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_1000_calls_keep_rss_flat(name):
+    psutil = pytest.importorskip("psutil")
+    call = _leak_calls()[name]
+    proc = psutil.Process()
+    for _ in range(50):  # compile, warm the allocator
+        call()
+    gc.collect()
+    before = proc.memory_info().rss
+    for _ in range(1000):
+        call()
+    gc.collect()
+    grown = proc.memory_info().rss - before
+    assert grown < RSS_SLACK, f"RSS grew {grown / 2**20:.2f} MB over 1000 calls of {name}"
+
+
+def _out_cases():
+    """name -> (call writing into a preallocated out, the input); inputs of 2 MiB."""
+    r = np.random.default_rng(1)
+    big = r.standard_normal((2, 4, 256, 256)).astype(np.float32)
+    cl64 = np.ascontiguousarray(big.transpose(0, 2, 3, 1)).astype(np.float64)
+    b16 = big.astype(np.float16)
+    one = np.ascontiguousarray(big[:1, :1])  # one long instance: the split path
+    inplace = big.copy()
+    out, out64, out16, out1 = (np.empty_like(a) for a in (big, cl64, b16, one))
+    IN = instnorm_numba.instance_norm
+    cases = {
+        "cf-float32": (lambda: IN(big, out=out), big),
+        "cl-float64": (lambda: IN(cl64, channel_axis=-1, out=out64), cl64),
+        "float16": (lambda: IN(b16, out=out16), b16),
+        "in-place": (lambda: IN(inplace, out=inplace), inplace),
+        "split-one-instance": (lambda: IN(one, out=out1), one),
+        "running-eval": (
+            lambda: IN(
+                big,
+                out=out,
+                running_mean=np.zeros(4),
+                running_var=np.ones(4),
+                use_input_stats=False,
+            ),
+            big,
+        ),
+    }
+    if HAVE_BACKWARD:
+        dy = r.standard_normal(big.shape).astype(np.float32)
+        _, mean, rstd = IN(big, return_stats=True)
+        cases["backward"] = (
+            lambda: instnorm_numba.instance_norm_backward(dy, big, mean, rstd, out=out),
+            big,
+        )
+    return cases
+
+
+OUT_CASES = [
+    "cf-float32",
+    "cl-float64",
+    "float16",
+    "in-place",
+    "split-one-instance",
+    "running-eval",
+] + (["backward"] if HAVE_BACKWARD else [])
+
+
+@pytest.mark.parametrize("case", OUT_CASES)
+def test_out_allocates_nothing_proportional_to_the_input(case):
+    call, x = _out_cases()[case]
+    call()  # compile outside the trace
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # statistics of shape (N, C) and per-chunk partials only: far below the input's size
+    assert peak < max(64 * 1024, x.nbytes // 32), f"peak {peak} B for an input of {x.nbytes} B"
