@@ -1561,3 +1561,39 @@ def test_out_allocates_nothing_proportional_to_the_input(case):
         tracemalloc.stop()
     # statistics of shape (N, C) and per-chunk partials only: far below the input's size
     assert peak < max(64 * 1024, x.nbytes // 32), f"peak {peak} B for an input of {x.nbytes} B"
+
+
+HOST_POOL_FORK = r"""
+import json, multiprocessing as mp
+import numba, numpy as np
+import instnorm_numba as inn
+from instnorm_numba import _jit
+
+@numba.njit(parallel=True)
+def host_kernel(a):  # the host program's own parallel code, not the library's
+    s = 0.0
+    for i in numba.prange(a.shape[0]):
+        s += a[i]
+    return s
+
+host_kernel(np.ones(1 << 20))
+x = np.random.default_rng(0).standard_normal((4, 8, 64, 64))
+
+def child(q):
+    q.put(float(np.abs(inn.instance_norm(x) - inn.instance_norm(x[::-1])[::-1]).max()))
+
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,))
+p.start()
+p.join(300)
+print("RESULT " + json.dumps({"exitcode": p.exitcode, "diff": q.get(timeout=10) if p.exitcode == 0
+                              else None, "layer": numba.threading_layer()}))
+"""
+
+
+def test_fork_after_the_host_program_used_openmp():
+    """The guard looks at Numba's pool, not only at the library's own calls."""
+    res = result_of(run_python(HOST_POOL_FORK, env={"NUMBA_THREADING_LAYER": "omp"}))
+    assert res["layer"] == "omp"
+    assert res["exitcode"] == 0 and res["diff"] == 0.0
