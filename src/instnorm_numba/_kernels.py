@@ -422,6 +422,38 @@ def _short_apply(x, y, r, K, c, a, b):
         y[r, i] = cast_like(d * a + b, y)
 
 
+@kernel(fastmath=FM_STRICT)
+def _short_block1(x, y, r0, r1, w, b, C, eps, mean_out, var_out):
+    """Rows r0..r1 of float32/float16 input, in two phases, so that no row's statistics ->
+    sqrt -> normalization chain of latencies stands between two rows: the statistics of the
+    whole block first (independent rows overlap in the out-of-order window), then the
+    normalization."""
+    L = x.shape[1]
+    inv_l = 1.0 / L
+    for r in range(r0, r1):
+        K = to64(x[r, 0])
+        s1, s2 = _short_sums(x, r, K)
+        c = s1 * inv_l
+        m2 = s2 - s1 * c
+        if m2 < 0.0:
+            m2 = 0.0
+        mean_out[r] = K + c
+        var_out[r] = m2 * inv_l
+    ch = r0 % C
+    for r in range(r0, r1):
+        M = mean_out[r]
+        a = w[ch] / np.sqrt(var_out[r] + eps)
+        if abs(M * a) <= FOLD_LIMIT:
+            _short_apply1(x, y, r, M, a, b[ch])
+        else:  # far from zero: the exact form needs K and c apart (recomputed, same values)
+            K = to64(x[r, 0])
+            c = _short_sums(x, r, K)[0] * inv_l
+            _short_apply(x, y, r, K, c, a, b[ch])
+        ch += 1
+        if ch == C:
+            ch = 0
+
+
 @kernel(fastmath=FM_STRICT, parallel=True)
 def cf_short(x, y, w, b, C, eps, mean_out, var_out):
     """``cf_fused`` for short rows (``0 < L <= SHORT_ROW``): a block of rows per task."""
@@ -431,30 +463,20 @@ def cf_short(x, y, w, b, C, eps, mean_out, var_out):
     for t in prange(ntasks):
         r0 = t * SHORT_ROWS_PER_TASK
         r1 = min(r0 + SHORT_ROWS_PER_TASK, R)
-        ch = r0 % C
-        for r in range(r0, r1):
-            K = to64(x[r, 0])
-            if wide(x):
+        if wide(x):
+            ch = r0 % C
+            for r in range(r0, r1):
+                K = to64(x[r, 0])
                 c = _short_sum(x, r, K) / L
-                m2 = _short_m2(x, r, K, c)
-            else:
-                s1, s2 = _short_sums(x, r, K)
-                c = s1 / L
-                m2 = s2 - s1 * c
-                if m2 < 0.0:
-                    m2 = 0.0
-            var = m2 / L
-            a = w[ch] / np.sqrt(var + eps)
-            M = K + c
-            if not wide(x) and abs(M * a) <= FOLD_LIMIT:
-                _short_apply1(x, y, r, M, a, b[ch])
-            else:
-                _short_apply(x, y, r, K, c, a, b[ch])
-            mean_out[r] = M
-            var_out[r] = var
-            ch += 1
-            if ch == C:
-                ch = 0
+                var = _short_m2(x, r, K, c) / L
+                _short_apply(x, y, r, K, c, w[ch] / np.sqrt(var + eps), b[ch])
+                mean_out[r] = K + c
+                var_out[r] = var
+                ch += 1
+                if ch == C:
+                    ch = 0
+        else:
+            _short_block1(x, y, r0, r1, w, b, C, eps, mean_out, var_out)
 
 
 # --------------------------------------------------------------------------------------------
