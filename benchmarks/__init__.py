@@ -1,0 +1,1 @@
+"""asv benchmarks of instnorm_numba (see asv.conf.json and README "Contributing: benchmarks")."""

@@ -1,0 +1,83 @@
+"""Run every asv benchmark body once, on small shapes, so the suite cannot rot.
+
+No timing is asserted (this machine is shared): the test only proves that each ``setup`` and
+each ``time_`` / ``peakmem_`` method runs for every parameter combination.  A benchmark whose
+setup raises ``NotImplementedError`` (a missing optional peer, a dtype a peer lacks) is asv's
+"skipped" and counts as run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import itertools
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+#: tiny stand-ins for the suite's shapes: same ranks, same channel counts where cheap
+SMALL = {
+    "style": (1, 4, 16, 16),
+    "batch": (2, 3, 8, 8),
+    "audio": (2, 5, 30),
+    "3d": (1, 2, 4, 4, 4),
+    "tiny": (8, 6, 2, 2),
+    "huge": (1, 2, 64, 64),
+}
+
+
+def _benchmark_modules():
+    sys.path.insert(0, str(ROOT))
+    try:
+        package = importlib.import_module("benchmarks")
+        names = sorted(p.stem for p in (ROOT / "benchmarks").glob("bench_*.py"))
+        return package, [importlib.import_module(f"benchmarks.{n}") for n in names]
+    finally:
+        sys.path.remove(str(ROOT))
+
+
+def _cases():
+    _, modules = _benchmark_modules()
+    for mod in modules:
+        for name, cls in inspect.getmembers(mod, inspect.isclass):
+            if cls.__module__ != mod.__name__:
+                continue
+            methods = [m for m in dir(cls) if m.startswith(("time_", "peakmem_", "mem_"))]
+            if methods:
+                yield pytest.param(cls, methods, id=f"{mod.__name__.split('.')[-1]}.{name}")
+
+
+@pytest.fixture
+def small_shapes(monkeypatch):
+    common = importlib.import_module("benchmarks.common")
+    assert set(SMALL) == set(common.SHAPES), "update SMALL when the suite's cases change"
+    monkeypatch.setattr(common, "SHAPES", SMALL)
+    for helper in (common.data, common.warm, common.ort_session):
+        helper.cache_clear()
+    yield common
+    for helper in (common.data, common.warm, common.ort_session):
+        helper.cache_clear()
+
+
+@pytest.mark.parametrize(("cls", "methods"), list(_cases()))
+def test_every_benchmark_body_runs(cls, methods, small_shapes):
+    params = getattr(cls, "params", [[]])
+    combos = list(itertools.product(*params)) if params and params[0] else [()]
+    ran = 0
+    for combo in combos:
+        bench = cls()
+        if hasattr(bench, "setup"):
+            try:
+                bench.setup(*combo)
+            except NotImplementedError:
+                continue  # asv: skipped for these parameters
+        for m in methods:
+            getattr(bench, m)(*combo)
+            ran += 1
+        if hasattr(bench, "teardown"):
+            bench.teardown(*combo)
+    optional = cls.__name__ in {"Torch", "TorchBackward", "OnnxRuntime"}
+    assert ran or optional, f"{cls.__name__}: every parameter combination was skipped"
