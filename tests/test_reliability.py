@@ -1597,3 +1597,102 @@ def test_fork_after_the_host_program_used_openmp():
     res = result_of(run_python(HOST_POOL_FORK, env={"NUMBA_THREADING_LAYER": "omp"}))
     assert res["layer"] == "omp"
     assert res["exitcode"] == 0 and res["diff"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# hostile input for the backward pass
+
+
+def _backward_scale(dy, x, weight, channel_axis, eps):
+    """``|rstd * w| * (|dy| + |mean(dy)| + |xhat| * |mean(dy * xhat)|)``, exactly: the terms
+    summed into dx (float64 is accurate relative to them, not to a cancelled sum)."""
+    xl, axis, moved = ref._to_ncl(x, channel_axis)
+    dyl = np.moveaxis(np.asarray(dy), axis, 1).reshape(xl.shape).astype(ref.XP)
+    C = xl.shape[1]
+    w = np.ones(C, ref.XP) if weight is None else np.abs(np.asarray(weight).astype(ref.XP))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # means of empty instances
+        _, var, d = ref._moments(xl)
+        rstd = (1 / np.sqrt(var + ref.XP(eps)))[..., None]
+        xhat = d * rstd
+        mdy = np.abs(dyl.mean(axis=-1, keepdims=True))
+        mdyx = np.abs((dyl * xhat).mean(axis=-1, keepdims=True))
+        scale = rstd * w[:, None] * (np.abs(dyl) + mdy + np.abs(xhat) * mdyx)
+    return ref._from_ncl(scale, axis, moved)
+
+
+@st.composite
+def backward_cases(draw):
+    x, weight, _bias, kw, _out, _stats = draw(cases())
+    rdt = ref.result_dtype(x.dtype)
+    r = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    dy_order = draw(st.sampled_from(["=", "swapped"]))
+    dy_dtype = rdt if dy_order == "=" else rdt.newbyteorder()
+    with np.errstate(all="ignore"):
+        dy = (r.standard_normal(x.shape) * draw(st.sampled_from([1.0, 1e-3, 100.0]))).astype(
+            dy_dtype
+        )
+    if draw(st.booleans()):
+        dy = np.asfortranarray(dy)
+    out = draw(st.sampled_from(["none", "none", "fresh", "alias-dy", "alias-x"]))
+    return x, dy, weight, kw["channel_axis"], kw["eps"], out
+
+
+@HYPOTHESIS
+@given(backward_cases())
+def test_hostile_input_backward_matches_reference_or_raises_documented_error(case):
+    x, dy, weight, channel_axis, eps, out_kind = case
+    rdt = ref.result_dtype(x.dtype)
+    _, mean, rstd = instnorm_numba.instance_norm(
+        x, weight, eps=eps, channel_axis=channel_axis, return_stats=True
+    )
+    before = [a.copy() for a in (x, dy, mean, rstd)]
+    out = {"none": None, "fresh": np.full(x.shape, 7, rdt), "alias-dy": dy, "alias-x": x}[out_kind]
+    if out is not None and out.dtype != rdt:  # documented: out must have the result dtype
+        with pytest.raises(TypeError, match="^out must have dtype"):
+            instnorm_numba.instance_norm_backward(
+                dy, x, mean, rstd, weight, channel_axis=channel_axis, out=out
+            )
+        for a, b in zip((x, dy, mean, rstd), before, strict=True):
+            np.testing.assert_array_equal(a, b)
+        return
+    xin = before[0].astype(np.float64) if x.dtype.kind in "iub" else before[0]
+    edx, egw, egb = ref.instance_norm_backward(
+        before[1], xin, weight, eps=eps, channel_axis=channel_axis, exact=True
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dx, gw, gb = instnorm_numba.instance_norm_backward(
+            dy, x, mean, rstd, weight, channel_axis=channel_axis, out=out
+        )
+    assert dx.dtype == rdt and dx.shape == x.shape
+    assert gw.dtype == gb.dtype == np.float64 and gw.shape == gb.shape == (x.shape[channel_axis],)
+    if out is not None:
+        assert dx is out
+    for a, b, name in zip((x, dy), before[:2], ("x", "grad_output"), strict=True):
+        if a is not out:
+            np.testing.assert_array_equal(a, b, err_msg=f"{name} was modified")
+    scale = _backward_scale(before[1], xin, weight, channel_axis, eps)
+    with np.errstate(all="ignore"):
+        overflow = np.isfinite(edx) & np.isinf(edx.astype(rdt))
+        edx = np.where(overflow, edx.astype(rdt).astype(edx.dtype), edx)
+    if rdt == np.float64:
+        err = ref.ulp_error(dx, edx, dtype=rdt, scale=scale)
+        assert err <= TOL_EPS[rdt], f"dx error {err:.3g} eps of {rdt}"
+    else:
+        # float32/float16: 1 eps of the dtype relative to max(1, |dx|), plus what float64
+        # arithmetic can lose where the terms cancel: with eps=0 and a tiny variance rstd
+        # reaches 1e44 and the terms ~1e44 * |dy| cancel to ~0 (documented exception)
+        with np.errstate(all="ignore"):
+            a, e = dx.astype(ref.XP), edx.astype(ref.XP)
+            same = (np.isnan(a) & np.isnan(e)) | (a == e)
+            bound = TOL_EPS[rdt] * ref.XP(np.finfo(rdt).eps) * np.maximum(1, np.abs(e))
+            bound = bound + 8 * ref.XP(np.finfo(np.float64).eps) * np.abs(scale)
+            ok = same | (np.abs(a - e) <= bound)
+        assert ok.all(), f"dx off at {np.argwhere(~ok)[:3].tolist()}: {a[~ok][:3]} vs {e[~ok][:3]}"
+    # parameter gradients: float64 sums, accurate relative to the sum of magnitudes
+    for got, want in ((gw, egw), (gb, egb)):
+        fin = np.isfinite(want)
+        np.testing.assert_array_equal(np.isfinite(got), fin)
+        mag = np.abs(want[fin]).astype(np.float64) + 1.0
+        assert np.all(np.abs(got[fin] - want[fin]) <= 1e-9 * mag * max(1, x.size))
