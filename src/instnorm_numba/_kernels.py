@@ -356,11 +356,17 @@ def cf_partial(x, nchunks, K_out, pn, pmean, pm2):
 
 @kernel(fastmath=FM_STRICT, parallel=True)
 def cf_apply(x, y, nchunks, K, c, a, b):
-    """``y = ((x - K) - c) * a + b`` with per-row K, c, a, b: tasks ``R * nchunks``."""
+    """``y = ((x - K) - c) * a + b`` with per-row K, c, a, b: tasks ``R * nchunks``.
+
+    Chunks run in the reverse order of ``cf_partial``'s: the ones its pass read last are the
+    ones still in the last-level cache when an input larger than the cache comes back.
+    """
     R = x.shape[0]
     L = x.shape[1]
     chunk = (L + nchunks - 1) // nchunks
-    for t in prange(R * nchunks):
+    T = R * nchunks
+    for t0 in prange(T):
+        t = T - 1 - t0
         r = t // nchunks
         j = t - r * nchunks
         s = min(j * chunk, L)
@@ -662,11 +668,14 @@ def cl_partial(x, nchunks, K_out, pn, pmean, pm2):
 
 @kernel(fastmath=FM_STRICT, parallel=True)
 def cl_apply(x, y, nchunks, K, cm, a, b):
-    """``y = ((x - K) - cm) * a + b`` with per-(n, c) K, cm, a, b: tasks ``N * nchunks``."""
+    """``y = ((x - K) - cm) * a + b`` with per-(n, c) K, cm, a, b: tasks ``N * nchunks``, in
+    the reverse order of ``cl_partial``'s (see ``cf_apply``)."""
     N = x.shape[0]
     L = x.shape[1]
     chunk = (L + nchunks - 1) // nchunks
-    for t in prange(N * nchunks):
+    T = N * nchunks
+    for t0 in prange(T):
+        t = T - 1 - t0
         n = t // nchunks
         j = t - n * nchunks
         s = min(j * chunk, L)
