@@ -1696,3 +1696,131 @@ def test_hostile_input_backward_matches_reference_or_raises_documented_error(cas
         np.testing.assert_array_equal(np.isfinite(got), fin)
         mag = np.abs(want[fin]).astype(np.float64) + 1.0
         assert np.all(np.abs(got[fin] - want[fin]) <= 1e-9 * mag * max(1, x.size))
+
+
+# ----------------------------------------------------------------------------------------------
+# hostile input for the layers: a training step, then eval, against the reference
+
+
+@st.composite
+def layer_cases(draw):
+    x, weight, bias, kw, _out, _stats = draw(cases())
+    layer_dtype = draw(st.sampled_from([np.float32, np.float64]))
+    affine = draw(st.booleans())
+    track = draw(st.booleans())
+    momentum = draw(st.sampled_from([0.1, None, 1.0]))
+    return x, kw["channel_axis"], kw["eps"], layer_dtype, affine, track, momentum, weight, bias
+
+
+@HYPOTHESIS
+@given(layer_cases())
+def test_hostile_input_layer_matches_reference_or_raises_documented_error(case):
+    x, channel_axis, eps, ldt, affine, track, momentum, weight, bias = case
+    C = x.shape[channel_axis]
+    make = lambda: instnorm_numba.InstanceNorm(  # noqa: E731
+        C,
+        eps=eps,
+        momentum=momentum,
+        affine=affine,
+        track_running_stats=track,
+        channel_axis=channel_axis,
+        dtype=ldt,
+    )
+    if C == 0:
+        with pytest.raises(ValueError, match="^num_features must be >= 1"):
+            make()
+        return
+    layer = make()
+    if affine:
+        if weight is not None:
+            layer.weight[...] = weight
+        if bias is not None:
+            layer.bias[...] = bias
+    w = layer.weight.copy() if affine else None
+    b = layer.bias.copy() if affine else None
+    rm = layer.running_mean.copy() if track else None
+    rv = layer.running_var.copy() if track else None
+    before = x.copy()
+    rdt = ref.result_dtype(x.dtype)
+    xin = before.astype(np.float64) if x.dtype.kind in "iub" else before
+    axis = channel_axis % x.ndim
+    spatial = int(np.prod([s for i, s in enumerate(x.shape) if i not in (0, axis)]))
+    if spatial == 1:  # torch's rule for input statistics, documented
+        with pytest.raises(ValueError, match="^Expected more than 1 spatial element"):
+            layer(x)
+        return
+    if spatial == 0 and track:  # no unbiased variance to track: instance_norm refuses
+        with pytest.raises(ValueError, match="updating running statistics"):
+            layer(x)
+        np.testing.assert_array_equal(layer.running_mean, rm)
+        return
+    # training step: input statistics, running statistics updated in place
+    rkw = {}
+    if track:
+        rkw = {
+            "running_mean": rm.copy(),
+            "running_var": rv.copy(),
+            "momentum": 0.0 if momentum is None else momentum,
+        }
+    exact = ref.instance_norm(xin, w, b, eps=eps, channel_axis=channel_axis, exact=True, **rkw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = layer(x)
+    np.testing.assert_array_equal(x, before)
+    assert y.dtype == rdt and y.shape == x.shape
+    scale = None
+    if rdt == np.float64:
+        scale = ref.accuracy_scale(xin, w, b, eps=eps, channel_axis=channel_axis)
+    with np.errstate(all="ignore"):
+        overflow = np.isfinite(exact) & np.isinf(exact.astype(rdt))
+        exact = np.where(overflow, exact.astype(rdt).astype(exact.dtype), exact)
+    assert ref.ulp_error(y, exact, dtype=rdt, scale=scale) <= TOL_EPS[rdt]
+    if not track:
+        return
+    for got, want in (
+        (layer.running_mean, rkw["running_mean"]),
+        (layer.running_var, rkw["running_var"]),
+    ):
+        assert got.dtype == ldt
+        fin = np.isfinite(want)
+        np.testing.assert_array_equal(np.isfinite(got), fin)
+        np.testing.assert_allclose(
+            got[fin],
+            want[fin],
+            rtol=1e-6 if ldt == np.float32 else 1e-12,
+            atol=1e-6 if ldt == np.float32 else 1e-12,
+        )
+    # eval: the running statistics normalize, nothing changes
+    layer.eval()
+    rm2, rv2 = layer.running_mean.copy(), layer.running_var.copy()
+    exact = ref.instance_norm(
+        xin,
+        w,
+        b,
+        eps=eps,
+        channel_axis=channel_axis,
+        running_mean=rm2,
+        running_var=rv2,
+        use_input_stats=False,
+        exact=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = layer(x)
+    np.testing.assert_array_equal(layer.running_mean, rm2)
+    np.testing.assert_array_equal(layer.running_var, rv2)
+    if rdt == np.float64:
+        scale = ref.accuracy_scale(
+            xin,
+            w,
+            b,
+            eps=eps,
+            channel_axis=channel_axis,
+            running_mean=rm2,
+            running_var=rv2,
+            use_input_stats=False,
+        )
+    with np.errstate(all="ignore"):
+        overflow = np.isfinite(exact) & np.isinf(exact.astype(rdt))
+        exact = np.where(overflow, exact.astype(rdt).astype(exact.dtype), exact)
+    assert ref.ulp_error(y, exact, dtype=rdt, scale=scale) <= TOL_EPS[rdt]
