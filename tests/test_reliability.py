@@ -1309,6 +1309,13 @@ if HAVE_LAYERS:
             r"^expected 3D or 4D input \(got 5D input\)",
         ),
         (
+            "InstanceNorm2d",
+            "forward-string",
+            lambda: instnorm_numba.InstanceNorm2d(3)("abc"),
+            TypeError,
+            r"^x must have a real floating, integer or bool dtype; got dtype <U3",
+        ),
+        (
             "InstanceNorm3d",
             "forward-3d",
             lambda: instnorm_numba.InstanceNorm3d(3)(np.ones((2, 3, 4))),

@@ -562,6 +562,7 @@ class _InstanceNormNd(InstanceNorm):
             arr = np.asarray(x)
         except (ValueError, TypeError) as exc:
             raise TypeError(f"x must be an array_like of real numbers; got {exc}") from None
+        result_dtype(arr.dtype, "x")  # a TypeError naming x comes before any shape complaint
         k = self._spatial_ndim
         if arr.ndim not in (k + 1, k + 2):
             raise ValueError(f"expected {k + 1}D or {k + 2}D input (got {arr.ndim}D input)")
