@@ -645,7 +645,7 @@ def test_byte_swapped_grad_output_accepted():
 # property test
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)  # same examples in CI
 @given(
     n=st.integers(1, 3),
     c=st.integers(1, 5),
