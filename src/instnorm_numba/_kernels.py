@@ -528,6 +528,9 @@ def _slab_block(x2, b, e, K, mb, m2b):
 #: one-pass (float32/float16) channels-last blocks: elements and rows per block
 CL_BLOCK_ELEMS1 = 16384
 CL_MAX_ROWS1 = 256
+#: channels-last input with fewer channels than this is swept flat, CL_PERIODIC_ROWS rows at a time
+CL_PERIODIC_C = 16
+CL_PERIODIC_ROWS = 32
 
 
 @kernel(fastmath=FM_REDUCE)
@@ -539,9 +542,31 @@ def _slab_block1(x2, b, e, K, mb, m2b):
     for c in range(C):
         mb[c] = 0.0
         m2b[c] = 0.0
+    i = 0
+    if C < CL_PERIODIC_C and nb >= CL_PERIODIC_ROWS:
+        # few channels: the rows, seen flat, are periodic with period C; sweep them in
+        # stretches of W = CL_PERIODIC_ROWS * C elements with one accumulator per position,
+        # a loop long enough to vectorize, and fold the positions into channels afterwards
+        W = CL_PERIODIC_ROWS * C
+        nfull = nb // CL_PERIODIC_ROWS
+        flat = xs[: nfull * CL_PERIODIC_ROWS].reshape(nfull * W)
+        kw = np.empty(W)
+        a1 = np.zeros(W)
+        a2 = np.zeros(W)
+        for k in range(W):
+            kw[k] = K[k % C]
+        for j in range(nfull):
+            sub = flat[j * W : (j + 1) * W]
+            for k in range(W):
+                d = _sub(to64(sub[k]), kw[k])
+                a1[k] += d
+                a2[k] += d * d
+        for k in range(W):
+            mb[k % C] += a1[k]
+            m2b[k % C] += a2[k]
+        i = nfull * CL_PERIODIC_ROWS
     # four rows per sweep over the channels: a quarter of the accumulator loads and stores
     # (they, not the arithmetic, bound this loop)
-    i = 0
     while i + 4 <= nb:
         x0 = xs[i]
         x1 = xs[i + 1]
@@ -577,7 +602,9 @@ def slab_moments(x2, r0, r1, K, mean, m2):
     if wide(x2):
         rb = cl_rows_per_block(C)
     else:
-        rb = max(1, min(CL_MAX_ROWS1, CL_BLOCK_ELEMS1 // max(C, 1)))
+        rb = max(1, CL_BLOCK_ELEMS1 // max(C, 1))
+        if C >= CL_PERIODIC_C:
+            rb = min(CL_MAX_ROWS1, rb)
     comp = np.zeros(C)
     mb = np.empty(C)
     m2b = np.empty(C)
@@ -618,9 +645,31 @@ def _slab_apply1(x2, y2, r0, r1, M, a, b):
     C = x2.shape[1]
     xs = x2[r0:r1]
     ys = y2[r0:r1]
-    for i in range(xs.shape[0]):
+    n = xs.shape[0]
+    i0 = 0
+    if C < CL_PERIODIC_C and n >= CL_PERIODIC_ROWS:  # few channels: see _slab_block1
+        W = CL_PERIODIC_ROWS * C
+        nfull = n // CL_PERIODIC_ROWS
+        i0 = nfull * CL_PERIODIC_ROWS
+        xf = xs[:i0].reshape(nfull * W)
+        yf = ys[:i0].reshape(nfull * W)
+        mw = np.empty(W)
+        aw = np.empty(W)
+        bw = np.empty(W)
+        for k in range(W):
+            mw[k] = M[k % C]
+            aw[k] = a[k % C]
+            bw[k] = b[k % C]
+        for j in range(nfull):
+            xsub = xf[j * W : (j + 1) * W]
+            ysub = yf[j * W : (j + 1) * W]
+            for k in range(W):
+                ysub[k] = cast_like((to64(xsub[k]) - mw[k]) * aw[k] + bw[k], ysub)
+    xr = xs[i0:]
+    yr = ys[i0:]
+    for i in range(xr.shape[0]):
         for c in range(C):
-            ys[i, c] = cast_like((to64(xs[i, c]) - M[c]) * a[c] + b[c], ys)
+            yr[i, c] = cast_like((to64(xr[i, c]) - M[c]) * a[c] + b[c], yr)
 
 
 @kernel(fastmath=FM_STRICT)
