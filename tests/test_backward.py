@@ -31,21 +31,7 @@ def rng(seed=0):
 
 
 def backward_scale(dy, x, weight, channel_axis, eps=1e-5):
-    """``|rstd * w| * (|dy| + |mean(dy)| + |xhat| * |mean(dy * xhat)|)``, exactly: the size of
-    the terms summed into dx; where they cancel no float64 result is accurate relative to the
-    small sum itself, only relative to them."""
-    xl, axis, moved = ref._to_ncl(x, channel_axis)
-    dyl = np.moveaxis(np.asarray(dy), axis, 1).reshape(xl.shape).astype(ref.XP)
-    C = xl.shape[1]
-    w = np.ones(C, ref.XP) if weight is None else np.abs(np.asarray(weight).astype(ref.XP))
-    with np.errstate(all="ignore"):
-        _, var, d = ref._moments(xl)
-        rstd = (1 / np.sqrt(var + ref.XP(eps)))[..., None]
-        xhat = d * rstd
-        mdy = np.abs(dyl.mean(axis=-1, keepdims=True))
-        mdyx = np.abs((dyl * xhat).mean(axis=-1, keepdims=True))
-        scale = rstd * w[:, None] * (np.abs(dyl) + mdy + np.abs(xhat) * mdyx)
-    return ref._from_ncl(scale, axis, moved)
+    return ref.backward_accuracy_scale(dy, x, weight, eps=eps, channel_axis=channel_axis)
 
 
 def forward_stats(x, weight=None, channel_axis=1, eps=1e-5):

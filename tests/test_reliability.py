@@ -1610,24 +1610,6 @@ def test_fork_after_the_host_program_used_openmp():
 # hostile input for the backward pass
 
 
-def _backward_scale(dy, x, weight, channel_axis, eps):
-    """``|rstd * w| * (|dy| + |mean(dy)| + |xhat| * |mean(dy * xhat)|)``, exactly: the terms
-    summed into dx (float64 is accurate relative to them, not to a cancelled sum)."""
-    xl, axis, moved = ref._to_ncl(x, channel_axis)
-    dyl = np.moveaxis(np.asarray(dy), axis, 1).reshape(xl.shape).astype(ref.XP)
-    C = xl.shape[1]
-    w = np.ones(C, ref.XP) if weight is None else np.abs(np.asarray(weight).astype(ref.XP))
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # means of empty instances
-        _, var, d = ref._moments(xl)
-        rstd = (1 / np.sqrt(var + ref.XP(eps)))[..., None]
-        xhat = d * rstd
-        mdy = np.abs(dyl.mean(axis=-1, keepdims=True))
-        mdyx = np.abs((dyl * xhat).mean(axis=-1, keepdims=True))
-        scale = rstd * w[:, None] * (np.abs(dyl) + mdy + np.abs(xhat) * mdyx)
-    return ref._from_ncl(scale, axis, moved)
-
-
 @st.composite
 def backward_cases(draw):
     x, weight, _bias, kw, _out, _stats = draw(cases())
@@ -1679,7 +1661,7 @@ def test_hostile_input_backward_matches_reference_or_raises_documented_error(cas
     for a, b, name in zip((x, dy), before[:2], ("x", "grad_output"), strict=True):
         if a is not out:
             np.testing.assert_array_equal(a, b, err_msg=f"{name} was modified")
-    scale = _backward_scale(before[1], xin, weight, channel_axis, eps)
+    scale = ref.backward_accuracy_scale(before[1], xin, weight, eps=eps, channel_axis=channel_axis)
     with np.errstate(all="ignore"):
         overflow = np.isfinite(edx) & np.isinf(edx.astype(rdt))
         edx = np.where(overflow, edx.astype(rdt).astype(edx.dtype), edx)

@@ -21,6 +21,7 @@ __all__ = [
     "result_dtype",
     "ulp_error",
     "accuracy_scale",
+    "backward_accuracy_scale",
 ]
 
 XP = np.longdouble
@@ -168,6 +169,30 @@ def accuracy_scale(
     w = np.ones(C, XP) if weight is None else np.abs(np.asarray(weight).astype(XP))
     b = np.zeros(C, XP) if bias is None else np.abs(np.asarray(bias).astype(XP))
     scale = w[:, None] * np.maximum(1, np.abs(xhat)) + b[:, None]
+    return _from_ncl(scale, axis, moved)
+
+
+def backward_accuracy_scale(grad_output, x, weight=None, *, eps=1e-5, channel_axis=1):
+    """``|rstd * w| * (|dy| + mean(|dy|) + |xhat| * mean(|dy * xhat|))``, exactly.
+
+    The size of the terms summed into ``dx``: the float64 backward guarantee is stated
+    relative to it.  The means are of magnitudes, because the rounding of ``mean(dy)`` and
+    ``mean(dy * xhat)`` grows with the magnitudes summed, not with their (possibly cancelled)
+    sums, and every element of the instance carries it.
+    """
+    x = np.asarray(x)
+    xl, axis, moved = _to_ncl(x, channel_axis)
+    dyl = np.moveaxis(np.asarray(grad_output), axis, 1).reshape(xl.shape).astype(XP)
+    C = xl.shape[1]
+    w = np.ones(C, XP) if weight is None else np.abs(np.asarray(weight).astype(XP))
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, var, d = _moments(xl)
+        rstd = (1 / np.sqrt(var + XP(eps)))[..., None]
+        xhat = d * rstd
+        mdy = np.abs(dyl).mean(axis=-1, keepdims=True)
+        mdyx = np.abs(dyl * xhat).mean(axis=-1, keepdims=True)
+        scale = rstd * w[:, None] * (np.abs(dyl) + mdy + np.abs(xhat) * mdyx)
     return _from_ncl(scale, axis, moved)
 
 
