@@ -568,10 +568,9 @@ def test_set_num_threads_is_honoured_and_restored(monkeypatch):
 
 #: the accuracy guarantee (README "Accuracy"), in epsilons of the result dtype, relative to
 #: max(1, |y|) -- for float64 also to ``reference.accuracy_scale`` (weight/bias cancellation).
-#: float64: README promises 4, which hypothesis found broken on many-instance inputs (up to
-#: ~6.6 eps, see test_float64_guarantee_on_many_instances below, a strict xfail); asserted here
-#: at 8 until the engine is fixed, so that the rest of the property still runs.
-TOL_EPS = {np.dtype(np.float16): 1.0, np.dtype(np.float32): 1.0, np.dtype(np.float64): 8.0}
+#: float64: 4, as the README promises (hypothesis found 6.6 eps on many-instance inputs before
+#: the block means were corrected; test_float64_guarantee_on_many_instances pins those inputs).
+TOL_EPS = {np.dtype(np.float16): 1.0, np.dtype(np.float32): 1.0, np.dtype(np.float64): 4.0}
 
 #: running statistics: float32 ones are rounded once from float64 (1 eps); float64 ones carry
 #: the variance's own error, ~10 eps on long instances (the unbiased correction and the
@@ -798,13 +797,6 @@ def test_hostile_input_matches_reference_or_raises_documented_error(case):
             assert err <= RUNNING_TOL_EPS[got.dtype], (k, err, got, want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug found by the property test: float64 results reach ~5-7 eps (README "
-    "promises 4) on inputs with thousands of instances, because the block mean c of x - K "
-    "carries ~3 eps of the spread. A corrected two-pass mean (c += sum((x - K) - c) / n, "
-    "summed in the M2 pass) measured 3.2 eps on the same inputs.",
-)
 @pytest.mark.parametrize(
     "shape,channel_axis", [((1, 4096, 200), 1), ((1, 2, 3, 3, 23000), 4)], ids=["cf", "cl"]
 )

@@ -45,6 +45,7 @@ BLOCK = 1024
 #: cap on the elements per channels-last row block
 CL_BLOCK_ELEMS = 4096
 CL_MAX_ROWS = 128
+CL_MIN_ROWS = 16
 
 
 
@@ -165,12 +166,19 @@ def _block_sum(x, start, stop, K):
 
 @kernel(fastmath=FM_REDUCE)
 def _block_m2(x, start, stop, K, mb):
+    """(sum d, sum d*d) with d = (x - K) - mb: the second pass of a corrected two-pass block.
+
+    ``sum d`` is what the first pass's rounding left over (Chan, Golub & LeVeque's
+    correction): adding ``sum d / n`` to ``mb`` removes the summation error of the block mean,
+    which would otherwise reach a few epsilon of the spread."""
     xs = x[start:stop]
-    s = 0.0
+    s1 = 0.0
+    s2 = 0.0
     for i in range(xs.shape[0]):
         d = _sub(_sub(to64(xs[i]), K), mb)
-        s += d * d
-    return s
+        s1 += d
+        s2 += d * d
+    return s1, s2
 
 
 @kernel(fastmath=FM_STRICT)
@@ -194,7 +202,11 @@ def row_moments(x, start, stop, K):
         e = min(b + BLOCK, stop)
         nb = e - b
         mb = _block_sum(x, b, e, K) / nb
-        m2b = _block_m2(x, b, e, K, mb)
+        sd, m2b = _block_m2(x, b, e, K, mb)
+        mb += sd / nb
+        m2b -= sd * (sd / nb)
+        if m2b < 0.0:
+            m2b = 0.0
         n, mean, m2, comp = merge_moments(n, mean, m2, comp, float(nb), mb, m2b)
         b = e
     return n, mean, m2 + comp
@@ -408,11 +420,14 @@ def _short_sum(x, r, K):
 
 @kernel(fastmath=FM_REDUCE)
 def _short_m2(x, r, K, c):
-    s = 0.0
+    """(sum d, sum d*d), d = (x - K) - c: corrected two-pass, as ``_block_m2``."""
+    s1 = 0.0
+    s2 = 0.0
     for i in range(x.shape[1]):
         d = _sub(_sub(to64(x[r, i]), K), c)
-        s += d * d
-    return s
+        s1 += d
+        s2 += d * d
+    return s1, s2
 
 
 @kernel(fastmath=FM_APPLY)
@@ -474,7 +489,12 @@ def cf_short(x, y, w, b, C, eps, mean_out, var_out):
             for r in range(r0, r1):
                 K = to64(x[r, 0])
                 c = _short_sum(x, r, K) / L
-                var = _short_m2(x, r, K, c) / L
+                sd, s2 = _short_m2(x, r, K, c)
+                c += sd / L
+                m2 = s2 - sd * (sd / L)
+                if m2 < 0.0:  # (not max(): NaN must survive)
+                    m2 = 0.0
+                var = m2 / L
                 _short_apply(x, y, r, K, c, w[ch] / np.sqrt(var + eps), b[ch])
                 mean_out[r] = K + c
                 var_out[r] = var
@@ -491,7 +511,10 @@ def cf_short(x, y, w, b, C, eps, mean_out, var_out):
 
 @kernel(fastmath=FM_STRICT)
 def cl_rows_per_block(C):
-    return max(1, min(CL_MAX_ROWS, CL_BLOCK_ELEMS // max(C, 1)))
+    # at least CL_MIN_ROWS rows even when that outgrows L1: every merge of a block into the
+    # running mean rounds it once, and with one row per block (C > 4096) those roundings add
+    # up to more than the float64 guarantee allows
+    return max(CL_MIN_ROWS, min(CL_MAX_ROWS, CL_BLOCK_ELEMS // max(C, 1)))
 
 
 @kernel(fastmath=FM_STRICT)
@@ -506,8 +529,9 @@ def slab_pilot(x2, K):
 
 
 @kernel(fastmath=FM_STRICT)
-def _slab_block(x2, b, e, K, mb, m2b):
-    """Per-channel block mean and centred sum of squares of rows b..e (vectorized over C)."""
+def _slab_block(x2, b, e, K, mb, m2b, sd):
+    """Per-channel block mean and centred sum of squares of rows b..e (vectorized over C),
+    corrected two-pass as ``_block_m2`` (``sd`` is workspace)."""
     C = x2.shape[1]
     xs = x2[b:e]
     nb = xs.shape[0]
@@ -519,10 +543,16 @@ def _slab_block(x2, b, e, K, mb, m2b):
             mb[c] += _sub(to64(xs[i, c]), K[c])
     for c in range(C):
         mb[c] /= nb
+        sd[c] = 0.0
     for i in range(nb):
         for c in range(C):
             d = _sub(_sub(to64(xs[i, c]), K[c]), mb[c])
+            sd[c] += d
             m2b[c] += d * d
+    for c in range(C):
+        mb[c] += sd[c] / nb
+        v = m2b[c] - sd[c] * (sd[c] / nb)
+        m2b[c] = 0.0 if v < 0.0 else v  # (not max(): NaN must survive)
 
 
 #: one-pass (float32/float16) channels-last blocks: elements and rows per block
@@ -608,6 +638,7 @@ def slab_moments(x2, r0, r1, K, mean, m2):
     comp = np.zeros(C)
     mb = np.empty(C)
     m2b = np.empty(C)
+    sd = np.empty(C)
     for c in range(C):
         mean[c] = 0.0
         m2[c] = 0.0
@@ -617,7 +648,7 @@ def slab_moments(x2, r0, r1, K, mean, m2):
         e = min(b + rb, r1)
         nb = float(e - b)
         if wide(x2):
-            _slab_block(x2, b, e, K, mb, m2b)
+            _slab_block(x2, b, e, K, mb, m2b, sd)
         else:
             _slab_block1(x2, b, e, K, mb, m2b)
         for c in range(C):
