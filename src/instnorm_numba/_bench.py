@@ -543,7 +543,7 @@ def main(args) -> int:
     repeat = getattr(args, "repeat", None)
     json_path = getattr(args, "json", None)
     threads = numba.get_num_threads()
-    budget = 0.15 if quick else 0.6
+    budget = 0.15 if quick else 1.5
     info = machine()
     print(
         f"instnorm_numba {info['instnorm_numba']} | numba {info['numba']} "
