@@ -18,6 +18,7 @@ import textwrap
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -65,6 +66,10 @@ def plot(data: dict, path: str) -> None:
         ax2.axvline(target, color=color, ls="--", lw=1, label=f"{target:g}x target vs {name}")
     ax2.axvline(1.0, color="k", lw=0.8)
     ax2.set_xscale("log")
+    ticks = [0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32]
+    ax2.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    ax2.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([f"{t:g}x" for t in ticks]))
+    ax2.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax2.set_xlabel("peer / ours (time; higher is better, log scale)")
     ax2.legend(fontsize=8, loc="lower right")
 
