@@ -51,7 +51,7 @@ def data(case: str, dtype: str, layout: str):
     return x, weight, bias, np.empty_like(x), dy
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def warm(case: str, dtype: str, layout: str):
     """Call ours and the copy once, so that kernels are loaded (or compiled) before anything is
     timed."""
@@ -132,9 +132,12 @@ def ort_session(case: str, dtype: str, layout: str):
     nd = x.ndim
     nodes, src, dst = [], "x", "y"
     if layout == "channels_last":
-        nodes.append(helper.make_node("Transpose", ["x"], ["xt"], perm=[0, nd - 1, *range(1, nd - 1)]))
+        perm = [0, nd - 1, *range(1, nd - 1)]
+        nodes.append(helper.make_node("Transpose", ["x"], ["xt"], perm=perm))
         src, dst = "xt", "yt"
-    nodes.append(helper.make_node("InstanceNormalization", [src, "scale", "B"], [dst], epsilon=1e-5))
+    nodes.append(
+        helper.make_node("InstanceNormalization", [src, "scale", "B"], [dst], epsilon=1e-5)
+    )
     if layout == "channels_last":
         nodes.append(helper.make_node("Transpose", ["yt"], ["y"], perm=[0, *range(2, nd), 1]))
     graph = helper.make_graph(

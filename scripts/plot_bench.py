@@ -18,8 +18,8 @@ import textwrap
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def plot(data: dict, path: str) -> None:
     )
     copy = [r["ratios"].get("ours/copy", np.nan) for r in results]
     ax1.barh(y, copy, color="#4c72b0")
-    for v, yy in zip(copy, y):
+    for v, yy in zip(copy, y, strict=True):
         if np.isfinite(v):
             ax1.text(v, yy, f" {v:.2f}", va="center", fontsize=8)
     ax1.axvline(1.0, color="k", lw=0.8)
@@ -55,12 +55,15 @@ def plot(data: dict, path: str) -> None:
     ax1.legend(fontsize=8, loc="lower right")
 
     h = 0.38
-    peers = [("torch/ours", "PyTorch CPU", "#8172b3", 4.0), ("onnxruntime/ours", "ONNX Runtime", "#55a868", 2.0)]
+    peers = [
+        ("torch/ours", "PyTorch CPU", "#8172b3", 4.0),
+        ("onnxruntime/ours", "ONNX Runtime", "#55a868", 2.0),
+    ]
     for k, (key, name, color, target) in enumerate(peers):
         vals = [r["ratios"].get(key, np.nan) for r in results]
         pos = y + (k - 0.5) * h
         ax2.barh(pos, vals, height=h, color=color, label=f"{name} / ours")
-        for v, yy in zip(vals, pos):
+        for v, yy in zip(vals, pos, strict=True):
             if np.isfinite(v):
                 ax2.text(v, yy, f" {v:.1f}", va="center", fontsize=7)
         ax2.axvline(target, color=color, ls="--", lw=1, label=f"{target:g}x target vs {name}")

@@ -249,7 +249,8 @@ def plan(groups: int, length: int, total: int):
     threads = num_threads()  # the caller's numba.set_num_threads(k), never changed here
     if threads < 2 or total < PARALLEL_MIN_ELEMENTS:
         return False, 0
-    if groups >= 4 * threads or length < SPLIT_MIN_ELEMENTS or groups % threads == 0 and groups >= 2 * threads:
+    balanced = groups % threads == 0 and groups >= 2 * threads
+    if groups >= 4 * threads or length < SPLIT_MIN_ELEMENTS or balanced:
         return True, 0
     want = threads * max(1, -(-4 // groups))
     return True, max(1, min(want, length // CHUNK_MIN_ELEMENTS))

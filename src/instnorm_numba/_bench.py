@@ -190,7 +190,6 @@ def ort_forward(case: Case, x, weight, bias, threads: int):
     build, ``Transpose -> InstanceNormalization -> Transpose``.
     """
     try:
-        import onnx
         import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:

@@ -27,8 +27,6 @@ merges and the compensation are strict.  ``fastmath=True`` is never used: it ass
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import prange, types
 from numba.extending import overload
@@ -652,7 +650,9 @@ def slab_moments(x2, r0, r1, K, mean, m2):
         else:
             _slab_block1(x2, b, e, K, mb, m2b)
         for c in range(C):
-            _, mean[c], m2[c], comp[c] = merge_moments(n, mean[c], m2[c], comp[c], nb, mb[c], m2b[c])
+            _, mean[c], m2[c], comp[c] = merge_moments(
+                n, mean[c], m2[c], comp[c], nb, mb[c], m2b[c]
+            )
         n += nb
         b = e
     for c in range(C):
