@@ -31,6 +31,16 @@ PARAM_NAMES = ["case", "dtype", "layout"]
 REFERENCE_MAX_ELEMENTS = 1 << 22
 
 
+@functools.cache
+def threads() -> int:
+    """Numba's thread count, after one call of ours has let the library pick its threading
+    layer (launching the pool first, for a peer, would fix Numba's default layer instead)."""
+    from instnorm_numba import instance_norm
+
+    instance_norm(np.zeros((1, 1, 2), np.float32))
+    return numba.get_num_threads()
+
+
 def channel_axis(layout: str) -> int:
     return -1 if layout == "channels_last" else 1
 
@@ -90,7 +100,7 @@ def copy_words(x: np.ndarray, out: np.ndarray):
 
 
 def roofline_copy(a: np.ndarray, b: np.ndarray) -> None:
-    nchunks = max(1, min(4 * numba.get_num_threads(), a.size // 4096))
+    nchunks = max(1, min(4 * threads(), a.size // 4096))
     _copy(a, b, nchunks)
 
 
@@ -104,7 +114,7 @@ def torch_or_skip():
         import torch.nn.functional as F
     except ImportError:
         raise NotImplementedError("torch is not installed") from None
-    torch.set_num_threads(numba.get_num_threads())
+    torch.set_num_threads(threads())
     return torch, F
 
 
@@ -153,7 +163,7 @@ def ort_session(case: str, dtype: str, layout: str):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, 9)
     so = ort.SessionOptions()
-    so.intra_op_num_threads = numba.get_num_threads()
+    so.intra_op_num_threads = threads()
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     try:

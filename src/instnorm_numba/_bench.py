@@ -33,7 +33,7 @@ import numpy as np
 
 from . import reference
 from ._api import instance_norm
-from ._jit import dispatch, kernel
+from ._jit import dispatch, kernel, num_threads
 
 # --------------------------------------------------------------------------------------------
 # the suite
@@ -541,7 +541,9 @@ def main(args) -> int:
     quick = bool(getattr(args, "quick", False))
     repeat = getattr(args, "repeat", None)
     json_path = getattr(args, "json", None)
-    threads = numba.get_num_threads()
+    # the library's own choice of threading layer (it may preload tbb), before anything else
+    # launches Numba's pool with the default layer
+    threads = num_threads()
     budget = 0.15 if quick else 1.5
     info = machine()
     print(
