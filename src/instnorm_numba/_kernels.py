@@ -147,6 +147,17 @@ def merge_moments(n, mean, m2, comp, nb, mb, m2b):
     return nn, mean, t, comp
 
 
+@kernel(fastmath=FM_STRICT)
+def task_span(t, nchunks, L):
+    """Task ``t`` of a split into ``nchunks`` chunks per group of length ``L``:
+    ``(group, chunk, start, stop)``."""
+    g = t // nchunks
+    j = t - g * nchunks
+    chunk = (L + nchunks - 1) // nchunks
+    s = min(j * chunk, L)
+    return g, j, s, min(s + chunk, L)
+
+
 # --------------------------------------------------------------------------------------------
 # channels-first building blocks (one contiguous row per instance)
 
@@ -348,14 +359,10 @@ def cf_partial(x, nchunks, K_out, pn, pmean, pm2):
     """Moments of each of ``nchunks`` chunks of every row: tasks ``R * nchunks``."""
     R = x.shape[0]
     L = x.shape[1]
-    chunk = (L + nchunks - 1) // nchunks
     for t in prange(R * nchunks):
-        r = t // nchunks
-        j = t - r * nchunks
+        r, j, s, e = task_span(t, nchunks, L)
         xr = x[r]
         K = row_shift(xr)
-        s = min(j * chunk, L)
-        e = min(s + chunk, L)
         n, mean, m2 = row_stats(xr, s, e, K)
         pn[r, j] = n
         pmean[r, j, 0] = mean
@@ -373,14 +380,10 @@ def cf_apply(x, y, nchunks, K, c, a, b):
     """
     R = x.shape[0]
     L = x.shape[1]
-    chunk = (L + nchunks - 1) // nchunks
     T = R * nchunks
     for t0 in prange(T):
         t = T - 1 - t0
-        r = t // nchunks
-        j = t - r * nchunks
-        s = min(j * chunk, L)
-        e = min(s + chunk, L)
+        r, j, s, e = task_span(t, nchunks, L)
         row_normalize(x[r], y[r], s, e, K[r], c[r], a[r], b[r])
 
 
@@ -752,14 +755,10 @@ def cl_partial(x, nchunks, K_out, pn, pmean, pm2):
     N = x.shape[0]
     L = x.shape[1]
     C = x.shape[2]
-    chunk = (L + nchunks - 1) // nchunks
     for t in prange(N * nchunks):
-        n = t // nchunks
-        j = t - n * nchunks
+        n, j, s, e = task_span(t, nchunks, L)
         K = np.empty(C)
         slab_pilot(x[n], K)
-        s = min(j * chunk, L)
-        e = min(s + chunk, L)
         pn[n, j] = slab_moments(x[n], s, e, K, pmean[n, j], pm2[n, j])
         if j == 0:
             K_out[n, :] = K
@@ -771,14 +770,10 @@ def cl_apply(x, y, nchunks, K, cm, a, b):
     the reverse order of ``cl_partial``'s (see ``cf_apply``)."""
     N = x.shape[0]
     L = x.shape[1]
-    chunk = (L + nchunks - 1) // nchunks
     T = N * nchunks
     for t0 in prange(T):
         t = T - 1 - t0
-        n = t // nchunks
-        j = t - n * nchunks
-        s = min(j * chunk, L)
-        e = min(s + chunk, L)
+        n, j, s, e = task_span(t, nchunks, L)
         slab_normalize(x[n], y[n], s, e, K[n], cm[n], a[n], b[n])
 
 
@@ -922,12 +917,8 @@ def cf_bwd_partial(x, dy, mean, nchunks, ps0, ps1, ps2):
     """Sums of each of ``nchunks`` chunks of every row into ``(R, nchunks, 1)``."""
     R = x.shape[0]
     L = x.shape[1]
-    chunk = (L + nchunks - 1) // nchunks
     for t in prange(R * nchunks):
-        r = t // nchunks
-        j = t - r * nchunks
-        s = min(j * chunk, L)
-        e = min(s + chunk, L)
+        r, j, s, e = task_span(t, nchunks, L)
         ps0[r, j, 0], ps1[r, j, 0], ps2[r, j, 0] = row_bwd_sums(x[r], dy[r], s, e, mean[r])
 
 
@@ -936,12 +927,8 @@ def cf_bwd_apply(x, dy, dx, nchunks, m, xbar, a, mdy, k):
     """Second sweep with per-row coefficients: tasks ``R * nchunks``."""
     R = x.shape[0]
     L = x.shape[1]
-    chunk = (L + nchunks - 1) // nchunks
     for t in prange(R * nchunks):
-        r = t // nchunks
-        j = t - r * nchunks
-        s = min(j * chunk, L)
-        e = min(s + chunk, L)
+        r, j, s, e = task_span(t, nchunks, L)
         row_bwd_apply(x[r], dy[r], dx[r], s, e, m[r], xbar[r], a[r], mdy[r], k[r])
 
 
@@ -1042,12 +1029,8 @@ def cl_bwd_partial(x, dy, mean, nchunks, ps0, ps1, ps2):
     """Per-channel sums of ``nchunks`` row chunks of every slab into ``(N, nchunks, C)``."""
     N = x.shape[0]
     L = x.shape[1]
-    chunk = (L + nchunks - 1) // nchunks
     for t in prange(N * nchunks):
-        n = t // nchunks
-        j = t - n * nchunks
-        s = min(j * chunk, L)
-        e = min(s + chunk, L)
+        n, j, s, e = task_span(t, nchunks, L)
         slab_bwd_sums(x[n], dy[n], s, e, mean[n], ps0[n, j], ps1[n, j], ps2[n, j])
 
 
@@ -1056,12 +1039,8 @@ def cl_bwd_apply(x, dy, dx, nchunks, m, xbar, a, mdy, k):
     """Second sweep with per-(n, c) coefficients: tasks ``N * nchunks``."""
     N = x.shape[0]
     L = x.shape[1]
-    chunk = (L + nchunks - 1) // nchunks
     for t in prange(N * nchunks):
-        n = t // nchunks
-        j = t - n * nchunks
-        s = min(j * chunk, L)
-        e = min(s + chunk, L)
+        n, j, s, e = task_span(t, nchunks, L)
         slab_bwd_apply(x[n], dy[n], dx[n], s, e, m[n], xbar[n], a[n], mdy[n], k[n])
 
 
