@@ -119,7 +119,8 @@ def test_middle_channel_axis(channel_axis):
     x = rng(4).standard_normal((2, 5, 6, 7)).astype(np.float32)
     y, _ = check(x, channel_axis=channel_axis, weight=np.ones(x.shape[channel_axis]) * 2)
     assert y.flags.c_contiguous
-    moved = instance_norm(np.moveaxis(x, channel_axis, 1), weight=np.ones(x.shape[channel_axis]) * 2)
+    w = np.ones(x.shape[channel_axis]) * 2
+    moved = instance_norm(np.moveaxis(x, channel_axis, 1), weight=w)
     np.testing.assert_array_equal(np.moveaxis(y, channel_axis, 1), moved)
 
 
@@ -140,7 +141,8 @@ def test_middle_channel_axis(channel_axis):
 def test_parallel_shapes(shape, channel_axis, dtype):
     x = (rng(5).standard_normal(shape) * 4 + 100).astype(dtype)
     C = shape[channel_axis]
-    check(x, weight=rng(6).standard_normal(C), bias=rng(7).standard_normal(C), channel_axis=channel_axis)
+    w, b = rng(6).standard_normal(C), rng(7).standard_normal(C)
+    check(x, weight=w, bias=b, channel_axis=channel_axis)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

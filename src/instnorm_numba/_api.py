@@ -99,7 +99,9 @@ def channel_vector(v, name: str, C: int, default: float) -> np.ndarray:
     try:
         arr = np.asarray(v)
     except (ValueError, TypeError) as exc:
-        raise TypeError(f"{name} must be None or an array_like of real numbers; got {exc}") from None
+        raise TypeError(
+            f"{name} must be None or an array_like of real numbers; got {exc}"
+        ) from None
     if arr.dtype.kind not in "fiub" or (arr.dtype.kind == "f" and arr.dtype.itemsize > 8):
         raise TypeError(f"{name} must have a real floating, integer or bool dtype; got {arr.dtype}")
     if arr.shape != (C,):
@@ -188,7 +190,8 @@ class Layout:
 
 
 def canonicalize(x: np.ndarray, axis: int, dtype: np.dtype) -> Layout:
-    """View (or, for other strides, copy once) ``x`` as channels-first rows or channels-last slabs."""
+    """View (or, for other strides, copy once) ``x`` as channels-first rows or channels-last
+    slabs."""
     N, C = x.shape[0], x.shape[axis]
     spatial = tuple(s for i, s in enumerate(x.shape) if i not in (0, axis))
     L = math.prod(spatial)

@@ -39,12 +39,14 @@ def cases():
                     if mode != "plain":
                         case["running_mean"] = rng.uniform(-1, 1, C).astype(dtype)
                         case["running_var"] = rng.uniform(0.5, 2, C).astype(dtype)
-                    name = f"{dtype}_{'x'.join(map(str, shape))}_{'affine' if affine else 'plain'}_{mode}"
+                    dims = "x".join(map(str, shape))
+                    name = f"{dtype}_{dims}_{'affine' if affine else 'plain'}_{mode}"
                     yield name, mode, case
 
 
 def run(mode, case):
-    t = {k: torch.from_numpy(np.array(v)) for k, v in case.items() if isinstance(v, np.ndarray) and v.ndim}
+    arrays = {k: v for k, v in case.items() if isinstance(v, np.ndarray) and v.ndim}
+    t = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
     rm = t.get("running_mean")
     rv = t.get("running_var")
     rm_t = rm.clone() if rm is not None else None
