@@ -175,18 +175,28 @@ class Layout:
     def restore(self, y: np.ndarray) -> np.ndarray:
         """A canonical array seen in the caller's shape (a view)."""
         if self.kind == "cf":
-            return np.moveaxis(y.reshape((self.N, self.C) + self.spatial), 1, self.axis)
-        return np.moveaxis(y.reshape((self.N,) + self.spatial + (self.C,)), -1, self.axis)
+            moved = y.reshape((self.N, self.C) + self.spatial)
+        else:
+            moved = y.reshape((self.N,) + self.spatial + (self.C,))
+        dst = _channel_slot(self.kind, moved.ndim)
+        return moved if dst == self.axis else np.moveaxis(moved, dst, self.axis)
 
     def view(self, a: np.ndarray):
         """``a`` (caller's shape) seen canonically without a copy, or None."""
-        if self.kind == "cf":
-            v = np.moveaxis(a, self.axis, 1)
-        else:
-            v = np.moveaxis(a, self.axis, -1)
+        v = _moved(a, self.axis, self.kind)
         if not v.flags.c_contiguous:
             return None
         return v.reshape(self.canonical_shape)
+
+
+def _channel_slot(kind: str, ndim: int) -> int:
+    return 1 if kind == "cf" else ndim - 1
+
+
+def _moved(a: np.ndarray, axis: int, kind: str) -> np.ndarray:
+    """``a`` with its channel axis where ``kind`` keeps it (a no-op, not a view, if there)."""
+    dst = _channel_slot(kind, a.ndim)
+    return a if axis == dst else np.moveaxis(a, axis, dst)
 
 
 def canonicalize(x: np.ndarray, axis: int, dtype: np.dtype) -> Layout:
@@ -197,14 +207,14 @@ def canonicalize(x: np.ndarray, axis: int, dtype: np.dtype) -> Layout:
     L = math.prod(spatial)
     same = x.dtype == dtype  # the native-order compute dtype: no conversion needed
     if same:
-        for kind, dst in (("cf", 1), ("cl", -1)):
-            v = np.moveaxis(x, axis, dst)
+        for kind in ("cf", "cl"):
+            v = _moved(x, axis, kind)
             if v.flags.c_contiguous:
                 lay = Layout(kind, axis, N, C, L, spatial, None, False)
                 lay.data = v.reshape(lay.canonical_shape)
                 return lay
     kind = "cl" if axis == x.ndim - 1 else "cf"
-    v = np.moveaxis(x, axis, 1 if kind == "cf" else -1)
+    v = _moved(x, axis, kind)
     lay = Layout(kind, axis, N, C, L, spatial, None, True)
     lay.data = np.ascontiguousarray(v, dtype=dtype).reshape(lay.canonical_shape)
     return lay
@@ -484,7 +494,7 @@ def as_layout(lay: Layout, a: np.ndarray, dtype: np.dtype):
         v = lay.view(a)
         if v is not None:
             return v, False
-    v = np.moveaxis(a, lay.axis, 1 if lay.kind == "cf" else -1)
+    v = _moved(a, lay.axis, lay.kind)
     return np.ascontiguousarray(v, dtype=dtype).reshape(lay.canonical_shape), True
 
 
