@@ -171,7 +171,7 @@ def test_few_long_instances_are_split_across_threads(shape, channel_axis, monkey
     lay = _api.Layout(
         kind, channel_axis % len(shape), N, C, int(np.prod(spatial)), spatial, x, False
     )
-    parallel, nch = _api.backward_plan(lay)
+    parallel, nch = _api.layout_plan(lay)
     assert parallel
     assert nch >= 2
     tasks = (N * C if kind == "cf" else N) * nch
@@ -181,9 +181,9 @@ def test_few_long_instances_are_split_across_threads(shape, channel_axis, monkey
 def test_many_instances_are_not_split(monkeypatch):
     monkeypatch.setattr(_api, "num_threads", lambda: 2)
     lay = _api.Layout("cf", 1, 16, 80, 3000, (3000,), np.empty(0), False)
-    assert _api.backward_plan(lay) == (True, 0)
+    assert _api.layout_plan(lay) == (True, 0)
     lay = _api.Layout("cf", 1, 1, 2, 64, (64,), np.empty(0), False)
-    assert _api.backward_plan(lay) == (False, 0)  # too small for a parallel launch
+    assert _api.layout_plan(lay) == (False, 0)  # too small for a parallel launch
 
 
 def test_large_split_instance_end_to_end():

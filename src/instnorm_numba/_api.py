@@ -21,6 +21,8 @@ PARALLEL_MIN_ELEMENTS = 1 << 16
 SPLIT_MIN_ELEMENTS = 1 << 14
 #: a split chunk holds at least this many elements (channels-first) or rows (channels-last)
 CHUNK_MIN_ELEMENTS = 1 << 12
+#: a channels-last split chunk holds at least this many rows
+CL_CHUNK_MIN_ROWS = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,15 +48,17 @@ def result_dtype(dtype: np.dtype, name: str = "x") -> np.dtype:
     )
 
 
+def as_array(v, name: str, what: str = "an array_like of real numbers") -> np.ndarray:
+    """``np.asarray(v)``; NumPy's conversion errors become a TypeError naming ``name``."""
+    try:
+        return np.asarray(v)
+    except (ValueError, TypeError) as exc:
+        raise TypeError(f"{name} must be {what}; got {exc}") from None
+
+
 def as_input(x, name: str = "x") -> np.ndarray:
     """``x`` as an ndarray with ndim >= 3 and a supported dtype (no copy unless needed)."""
-    if isinstance(x, np.ndarray):
-        arr = x
-    else:
-        try:
-            arr = np.asarray(x)
-        except (ValueError, TypeError) as exc:
-            raise TypeError(f"{name} must be an array_like of real numbers; got {exc}") from None
+    arr = x if isinstance(x, np.ndarray) else as_array(x, name)
     result_dtype(arr.dtype, name)
     if arr.ndim < 3:
         raise ValueError(
@@ -96,12 +100,7 @@ def channel_vector(v, name: str, C: int, default: float) -> np.ndarray:
     """weight/bias: None or array_like of shape (C,), returned as contiguous float64."""
     if v is None:
         return np.full(C, default)
-    try:
-        arr = np.asarray(v)
-    except (ValueError, TypeError) as exc:
-        raise TypeError(
-            f"{name} must be None or an array_like of real numbers; got {exc}"
-        ) from None
+    arr = as_array(v, name, "None or an array_like of real numbers")
     if arr.dtype.kind not in "fiub" or (arr.dtype.kind == "f" and arr.dtype.itemsize > 8):
         raise TypeError(f"{name} must have a real floating, integer or bool dtype; got {arr.dtype}")
     if arr.shape != (C,):
@@ -120,10 +119,7 @@ def running_vector(v, name: str, C: int, *, update: bool) -> np.ndarray:
             )
         arr = v
     else:
-        try:
-            arr = np.asarray(v)
-        except (ValueError, TypeError) as exc:
-            raise TypeError(f"{name} must be an array_like of real numbers; got {exc}") from None
+        arr = as_array(v, name)
     if arr.dtype.kind != "f" or arr.dtype.itemsize > 8:
         raise TypeError(f"{name} must have a float16, float32 or float64 dtype; got {arr.dtype}")
     if arr.shape != (C,):
@@ -269,17 +265,23 @@ def plan(groups: int, length: int, total: int):
     return True, max(1, min(want, length // CHUNK_MIN_ELEMENTS))
 
 
+def layout_plan(lay: Layout):
+    """``plan`` for a layout: groups are rows (channels-first) or slabs (channels-last), and a
+    slab is split into chunks of at least CL_CHUNK_MIN_ROWS rows."""
+    total = lay.N * lay.C * lay.L
+    if lay.kind == "cf":
+        return plan(lay.N * lay.C, lay.L, total)
+    parallel, nch = plan(lay.N, lay.L * lay.C, total)
+    return parallel, (min(nch, max(1, lay.L // CL_CHUNK_MIN_ROWS)) if nch else 0)
+
+
 def moments(lay: Layout, y: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float):
     """Normalize ``lay.data`` into ``y`` with input statistics; return (mean, var), (N, C)."""
     N, C, L = lay.N, lay.C, lay.L
     xk, yk = _kernel_view(lay.data), _kernel_view(y)
     mean = np.empty((N, C))
     var = np.empty((N, C))
-    if lay.kind == "cf":
-        parallel, nch = plan(N * C, L, N * C * L)
-    else:
-        parallel, nch = plan(N, L * C, N * C * L)
-        nch = min(nch, max(1, L // 64)) if nch else 0
+    parallel, nch = layout_plan(lay)
     if nch <= 1:
         if lay.kind == "cf":
             fused = K.cf_short if L <= K.SHORT_ROW else K.cf_fused
@@ -313,17 +315,15 @@ def moments(lay: Layout, y: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float
 
 def apply_affine(lay: Layout, y: np.ndarray, shift, a, b):
     """``y = (x - shift) * a + b`` with per-(n, c) arrays of shape (N, C)."""
-    N, C, L = lay.N, lay.C, lay.L
+    N, C = lay.N, lay.C
     xk, yk = _kernel_view(lay.data), _kernel_view(y)
     zeros = np.zeros((N, C))
+    parallel, nch = layout_plan(lay)
+    nch = max(nch, 1)
     if lay.kind == "cf":
-        parallel, nch = plan(N * C, L, N * C * L)
-        nch = max(nch, 1)
         rows = (np.ascontiguousarray(t, dtype=np.float64).reshape(-1) for t in (shift, zeros, a, b))
         dispatch(K.cf_apply, parallel, xk, yk, nch, *rows)
     else:
-        parallel, nch = plan(N, L * C, N * C * L)
-        nch = max(1, min(nch, max(1, L // 64)))
         slabs = (np.ascontiguousarray(t, dtype=np.float64) for t in (shift, zeros, a, b))
         dispatch(K.cl_apply, parallel, xk, yk, nch, *slabs)
 
@@ -471,10 +471,7 @@ def instance_norm(
 
 def stats_matrix(v, name: str, N: int, C: int) -> np.ndarray:
     """mean/rstd from the forward: array_like of shape (N, C), returned as a float64 copy."""
-    try:
-        arr = np.asarray(v)
-    except (ValueError, TypeError) as exc:
-        raise TypeError(f"{name} must be an array_like of real numbers; got {exc}") from None
+    arr = as_array(v, name)
     if arr.dtype.kind != "f" or arr.dtype.itemsize > 8:
         raise TypeError(
             f"{name} must have a floating dtype (instance_norm returns float64); got {arr.dtype}"
@@ -498,21 +495,13 @@ def as_layout(lay: Layout, a: np.ndarray, dtype: np.dtype):
     return np.ascontiguousarray(v, dtype=dtype).reshape(lay.canonical_shape), True
 
 
-def backward_plan(lay: Layout):
-    """(parallel, nchunks) for the backward sweeps, split as the forward's ``moments`` does."""
-    if lay.kind == "cf":
-        return plan(lay.N * lay.C, lay.L, lay.N * lay.C * lay.L)
-    parallel, nch = plan(lay.N, lay.L * lay.C, lay.N * lay.C * lay.L)
-    return parallel, (min(nch, max(1, lay.L // 64)) if nch else 0)
-
-
 def backward_sweeps(lay: Layout, gk: np.ndarray, dx: np.ndarray, mean, rstd, w):
     """Both sweeps into ``dx``; return per-instance sum(dy) and sum(dy * xhat), (N, C)."""
     N, C, L = lay.N, lay.C, lay.L
     xk, gk, dk = _kernel_view(lay.data), _kernel_view(gk), _kernel_view(dx)
     sdy = np.empty((N, C))
     sdyx = np.empty((N, C))
-    parallel, nch = backward_plan(lay)
+    parallel, nch = layout_plan(lay)
     if nch <= 1:
         if lay.kind == "cf":
             rows = (mean.reshape(-1), rstd.reshape(-1), w, C, sdy.reshape(-1), sdyx.reshape(-1))

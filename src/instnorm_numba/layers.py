@@ -27,6 +27,7 @@ import numpy as np
 
 from ._api import (
     _fmt_shape,
+    as_array,
     as_input,
     instance_norm,
     normalize_channel_axis,
@@ -321,12 +322,7 @@ class InstanceNorm:
         s = self._saved
         if s is None:
             raise RuntimeError("backward() needs a forward() first: nothing was saved")
-        try:
-            dy = np.asarray(grad_output)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(
-                f"grad_output must be an array_like of real numbers; got {exc}"
-            ) from None
+        dy = as_array(grad_output, "grad_output")
         result_dtype(dy.dtype, "grad_output")
         shape = s.x.shape[1:] if s.unbatched else s.x.shape
         if dy.shape != shape:
@@ -558,10 +554,7 @@ class _InstanceNormNd(InstanceNorm):
         )
 
     def _check_input_dim(self, x):
-        try:
-            arr = np.asarray(x)
-        except (ValueError, TypeError) as exc:
-            raise TypeError(f"x must be an array_like of real numbers; got {exc}") from None
+        arr = as_array(x, "x")
         result_dtype(arr.dtype, "x")  # a TypeError naming x comes before any shape complaint
         k = self._spatial_ndim
         if arr.ndim not in (k + 1, k + 2):
