@@ -81,3 +81,30 @@ def test_every_benchmark_body_runs(cls, methods, small_shapes):
             bench.teardown(*combo)
     optional = cls.__name__ in {"Torch", "TorchBackward", "OnnxRuntime"}
     assert ran or optional, f"{cls.__name__}: every parameter combination was skipped"
+
+
+def test_bench_summary_names_worst_cases_and_unreachable_targets():
+    from instnorm_numba._bench import Result, _ratios, summary
+
+    def result(case, direction, mb, ms, dtype="float32"):
+        r = Result(case, direction, [1], dtype, "channels-first", mb, 2, dict(ms))
+        _ratios(r)
+        return r
+
+    results = [
+        # ORT within 1.5x of the copy: 2x ORT is out of reach there, and only there
+        result("near", "forward", 40.0, {"ours": 1.2, "copy": 1, "onnxruntime": 1.5, "torch": 6}),
+        result("far", "forward", 4.0, {"ours": 3.0, "copy": 1, "onnxruntime": 9.0, "torch": 9}),
+        result("near", "backward", 40.0, {"ours": 3.0, "torch": 6.0}),
+        result("far", "backward", 4.0, {"ours": 5.0, "torch": 9.0}),
+    ]
+    lines = summary(results)
+    assert "ours/copy, cases larger than the LLC (target <= 1.3): 1.20 (near)" in lines
+    assert "ours/copy, every case (target <= 2): 3.00 (far)" in lines
+    assert "ORT/ours, float32 cases (target >= 2): 1.25 (near)" in lines
+    assert "torch/ours, every case (target >= 4): 3.00 (far)" in lines
+    reach = [line for line in lines if "ORT/copy below 2" in line]
+    assert reach == ["  ORT/copy below 2 (beyond reach without beating the copy): near 1.50"]
+    assert not any("torch/copy below" in line for line in lines)
+    assert "backward/forward (target <= 2): 2.50 (near)" in lines
+    assert "torch/ours, backward (target >= 3): 1.80 (far)" in lines

@@ -530,6 +530,28 @@ def summary(results: list, llc_bytes: int = 32 << 20) -> list:
             lines.append(f"{label}: n/a")
         else:
             lines.append(f"{label}: {r.ratios[key]:.2f} ({r.case})")
+    # a peer that is itself within `target` of the copy can only be beaten by that factor by
+    # running faster than a copy of the same bytes: name those cases, with the peer's ratio
+    for peer, name, target in (("onnxruntime", "ORT", 2.0), ("torch", "torch", 4.0)):
+        tight = [
+            f"{r.case} {r.ms[peer] / r.ms['copy']:.2f}"
+            for r in fwd
+            if peer in r.ms and "copy" in r.ms and r.ms[peer] / r.ms["copy"] < target
+        ]
+        if tight:
+            lines.append(
+                f"  {name}/copy below {target:g} (beyond reach without beating the copy): "
+                + ", ".join(tight)
+            )
+    bwd = [r for r in results if r.direction == "backward"]
+    fwd_ms = {r.case: r.ms["ours"] for r in fwd}
+    per_case = [(r.ms["ours"] / fwd_ms[r.case], r.case) for r in bwd if r.case in fwd_ms]
+    if per_case:
+        v, case = max(per_case)
+        lines.append(f"backward/forward (target <= 2): {v:.2f} ({case})")
+    r = worst(bwd, "torch/ours", False)
+    if r is not None:
+        lines.append(f"torch/ours, backward (target >= 3): {r.ratios['torch/ours']:.2f} ({r.case})")
     for dt in ("float16", "float32", "float64"):
         errs = [r.max_error_eps for r in fwd if r.dtype == dt and not math.isnan(r.max_error_eps)]
         if errs:
