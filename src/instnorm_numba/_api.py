@@ -443,7 +443,8 @@ def instance_norm(
                 mean, var = moments(lay, y, w, b, eps)
             else:  # no element to normalize: an instance with no elements has no statistics
                 mean, var = np.full((N, C), np.nan), np.full((N, C), np.nan)
-            rstd = 1.0 / np.sqrt(var + eps)
+            if return_stats:  # (N*C can be large: 256x256 tiny instances cost 0.1 ms here)
+                rstd = 1.0 / np.sqrt(var + eps)
         else:
             rm = np.asarray(running_mean, dtype=np.float64)
             rv = np.asarray(running_var, dtype=np.float64)
