@@ -28,8 +28,9 @@ merges and the compensation are strict.  ``fastmath=True`` is never used: it ass
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import prange, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from ._jit import kernel
 
@@ -49,14 +50,69 @@ CL_MIN_ROWS = 16
 
 # --------------------------------------------------------------------------------------------
 # element conversion
+#
+# Two implementations of each float16 conversion, chosen once at import.  With F16C the CPU
+# converts in hardware (vcvtph2ps / vcvtps2ph, also on whole vectors); without it LLVM's
+# ``half`` conversions become libcalls that Numba's JIT may fail to link, so the integer
+# versions (``*_soft``) are used and the ``half`` type is never emitted.
+
+
+def _target_has_f16c() -> bool:
+    """True when the code Numba generates may use F16C: the features it compiles for (from
+    ``NUMBA_CPU_FEATURES``, else the host's) enable f16c and avx.  False when unknown.
+
+    Numba's cache keys on the CPU name and feature string, so a cached kernel compiled with
+    one choice is never loaded by a process that would make the other.
+    """
+    try:
+        from numba.core import codegen, config
+
+        features = config.CPU_FEATURES
+        if features is None:
+            features = codegen.get_host_cpu_features()  # applies NUMBA_ENABLE_AVX
+        state = {}
+        for f in str(features).split(","):  # "+f16c,-avx512fp16,...": the last one wins
+            f = f.strip()
+            if f[:1] in "+-" and len(f) > 1:
+                state[f[1:]] = f[0] == "+"
+        # f16c needs avx in LLVM: "-avx" after "+f16c" would turn it off again
+        return state.get("f16c", False) and state.get("avx", False)
+    except Exception:  # pragma: no cover - unknown features: the portable code
+        return False
+
+
+#: the kernels use the hardware float16 conversions (decided once, at import)
+HAS_F16C = _target_has_f16c()
+
+
+@intrinsic
+def _half_bits_to_f64(typingctx, h):
+    """uint16 bit pattern -> float64 through LLVM's ``half`` (exact; F16C hosts only)."""
+    sig = types.float64(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.DoubleType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_to_half_bits(typingctx, f):
+    """float32 -> uint16 bit pattern, round to nearest even (``vcvtps2ph``; F16C hosts only)."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
 
 
 _TWO_1008 = 2.0**1008
 
 
 @kernel(fastmath=FM_STRICT)
-def half_to_f64(h):
-    """IEEE binary16 bit pattern (uint16) -> float64, exactly.
+def half_to_f64_soft(h):
+    """IEEE binary16 bit pattern (uint16) -> float64, exactly, without F16C.
 
     Branch-free, so loops over float16 data vectorize: the 15 magnitude bits are placed at
     the top of a float64's exponent and mantissa fields and rescaled by 2**1008 (exact, also
@@ -73,8 +129,8 @@ def half_to_f64(h):
 
 
 @kernel(fastmath=FM_STRICT)
-def f64_to_half(v):
-    """float64 -> IEEE binary16 bit pattern, rounded to nearest, ties to even.
+def f64_to_half_soft(v):
+    """float64 -> IEEE binary16 bit pattern, rounded to nearest, ties to even, without F16C.
 
     Branch-free (selects only), so loops writing float16 vectorize.  Normal results round the
     float64 bit pattern directly (a carry into the exponent is the right answer); subnormal
@@ -93,6 +149,43 @@ def f64_to_half(v):
     elif bits < 0:
         h = h | 0x8000
     return np.uint16(h)
+
+
+@kernel(fastmath=FM_STRICT)
+def half_to_f64_f16c(h):
+    """IEEE binary16 bit pattern (uint16) -> float64, exactly, by ``vcvtph2ps``."""
+    return _half_bits_to_f64(h)
+
+
+#: the 29 low float64 mantissa bits that float32 does not have
+_LOW29 = (1 << 29) - 1
+
+
+@kernel(fastmath=FM_STRICT)
+def f64_to_half_f16c(v):
+    """float64 -> IEEE binary16 bit pattern, rounded to nearest, ties to even, by ``vcvtps2ph``.
+
+    Rounding to float32 and then to float16, both to nearest, would round twice (a value just
+    above a float16 midpoint can land on it and then go to even).  The first step rounds to
+    odd instead, which makes the second one correct (Boldo & Melquiond: 24 >= 11 + 2 bits):
+    the float64 pattern keeps float32's 24 significant bits, and the last one is set when any
+    of the 29 dropped bits was (adding 2**29 - 1 to them carries into it exactly then).  That
+    value converts to float32 exactly in its normal range; above, it overflows to inf (right:
+    it is >= 65520); below 2**-126 any float32 rounding still ends in a float16 zero of v's
+    sign.  A NaN keeps a payload bit, so stays NaN.  Integer operations only: it vectorizes,
+    and costs half of doing the rounding to odd through a float32 round trip.
+    """
+    b = np.float64(v).view(np.int64)
+    t = np.int64((b | ((b & _LOW29) + _LOW29)) & ~_LOW29)
+    return _f32_to_half_bits(np.float32(t.view(np.float64)))
+
+
+if HAS_F16C:
+    half_to_f64 = half_to_f64_f16c
+    f64_to_half = f64_to_half_f16c
+else:
+    half_to_f64 = half_to_f64_soft
+    f64_to_half = f64_to_half_soft
 
 
 def to64(v):  # pragma: no cover - replaced by the overload inside kernels
