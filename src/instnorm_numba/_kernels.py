@@ -328,14 +328,12 @@ def row_apply(x, y, start, stop, K, c, a, b):
 #
 # float32 and float16 values carry 24 and 11 significant bits: in float64 there are 29 spare
 # bits, enough to take the sum and the sum of squares of ``x - K`` in one pass over each block
-# (``M2 = S2 - S1**2 / n``) and to form ``y`` as one fused multiply-add ``x * a + (b - M * a)``
-# with ``M = K + c`` (the shift folded into the offset: ``x * a`` is not rounded inside the FMA,
-# so only the offset's rounding is new).  Error bounds, relative: the block one-pass loses at
-# most ``g * 2**-52 * (1 + L / n0)`` of M2 (``g`` the additions per vector lane in a block,
-# ``n0`` the elements behind the shift: for a data-value shift ``M2 >= (K - mean)**2``); the
-# folded offset costs ``(|M * a| + |b|) * 2**-53`` of ``max(1, |y|)``, used only while
-# ``|M * a| <= FOLD_LIMIT``.  Both stay far below the 0.5 epsilon (2**-24) left after the final
-# rounding.  float64 input keeps the
+# (``M2 = S2 - S1**2 / n``) and to form ``y`` as ``(x - M) * a + b`` with ``M = K + c`` rounded
+# once.  Error bounds, relative: the block one-pass loses at most ``g * 2**-52 * (1 + L / n0)``
+# of M2 (``g`` the additions per vector lane in a block, ``n0`` the elements behind the shift:
+# for a data-value shift ``M2 >= (K - mean)**2``); the single subtraction costs
+# ``|M * a| * 2**-53`` of ``max(1, |y|)``, used only while ``|M * a| <= FOLD_LIMIT``.  Both stay
+# far below the 0.5 epsilon (2**-24) left after the final rounding.  float64 input keeps the
 # two-pass blocks and the exact double subtraction: there are no spare bits.
 
 #: elements per one-pass block (float32/float16 input)
@@ -410,21 +408,20 @@ def row_stats(x, start, stop, K):
 
 
 @kernel(fastmath=FM_APPLY)
-def _row_apply1(x, y, start, stop, a, off):
-    """``y = x * a + off`` as one FMA per element (see the per-dtype notes above)."""
+def _row_apply1(x, y, start, stop, M, a, b):
     xs = x[start:stop]
     ys = y[start:stop]
     for i in range(xs.shape[0]):
-        ys[i] = cast_like(to64(xs[i]) * a + off, ys)
+        ys[i] = cast_like((to64(xs[i]) - M) * a + b, ys)
 
 
 @kernel(fastmath=FM_STRICT)
 def row_normalize(x, y, start, stop, K, c, a, b):
-    """``y = ((x - K) - c) * a + b``, as one FMA when the dtype leaves room."""
+    """``y = ((x - K) - c) * a + b``, with one subtraction when the dtype leaves room."""
     if not wide(x):
         M = K + c
         if abs(M * a) <= FOLD_LIMIT:
-            _row_apply1(x, y, start, stop, a, b - M * a)
+            _row_apply1(x, y, start, stop, M, a, b)
             return
     row_apply(x, y, start, stop, K, c, a, b)
 
@@ -528,9 +525,9 @@ def _short_m2(x, r, K, c):
 
 
 @kernel(fastmath=FM_APPLY)
-def _short_apply1(x, y, r, a, off):
+def _short_apply1(x, y, r, M, a, b):
     for i in range(x.shape[1]):
-        y[r, i] = cast_like(to64(x[r, i]) * a + off, y)
+        y[r, i] = cast_like((to64(x[r, i]) - M) * a + b, y)
 
 
 @kernel(fastmath=FM_APPLY)
@@ -562,7 +559,7 @@ def _short_block1(x, y, r0, r1, w, b, C, eps, mean_out, var_out):
         M = mean_out[r]
         a = w[ch] / np.sqrt(var_out[r] + eps)
         if abs(M * a) <= FOLD_LIMIT:
-            _short_apply1(x, y, r, a, b[ch] - M * a)
+            _short_apply1(x, y, r, M, a, b[ch])
         else:  # far from zero: the exact form needs K and c apart (recomputed, same values)
             K = to64(x[r, 0])
             c = _short_sums(x, r, K)[0] * inv_l
@@ -771,8 +768,7 @@ def slab_apply(x2, y2, r0, r1, K, cm, a, b):
 
 
 @kernel(fastmath=FM_APPLY)
-def _slab_apply1(x2, y2, r0, r1, a, off):
-    """``y = x * a + off`` per channel, one FMA per element."""
+def _slab_apply1(x2, y2, r0, r1, M, a, b):
     C = x2.shape[1]
     xs = x2[r0:r1]
     ys = y2[r0:r1]
@@ -784,38 +780,39 @@ def _slab_apply1(x2, y2, r0, r1, a, off):
         i0 = nfull * CL_PERIODIC_ROWS
         xf = xs[:i0].reshape(nfull * W)
         yf = ys[:i0].reshape(nfull * W)
+        mw = np.empty(W)
         aw = np.empty(W)
-        ow = np.empty(W)
+        bw = np.empty(W)
         for k in range(W):
+            mw[k] = M[k % C]
             aw[k] = a[k % C]
-            ow[k] = off[k % C]
+            bw[k] = b[k % C]
         for j in range(nfull):
             xsub = xf[j * W : (j + 1) * W]
             ysub = yf[j * W : (j + 1) * W]
             for k in range(W):
-                ysub[k] = cast_like(to64(xsub[k]) * aw[k] + ow[k], ysub)
+                ysub[k] = cast_like((to64(xsub[k]) - mw[k]) * aw[k] + bw[k], ysub)
     xr = xs[i0:]
     yr = ys[i0:]
     for i in range(xr.shape[0]):
         for c in range(C):
-            yr[i, c] = cast_like(to64(xr[i, c]) * a[c] + off[c], yr)
+            yr[i, c] = cast_like((to64(xr[i, c]) - M[c]) * a[c] + b[c], yr)
 
 
 @kernel(fastmath=FM_STRICT)
 def slab_normalize(x2, y2, r0, r1, K, cm, a, b):
-    """``y = ((x - K) - cm) * a + b`` per channel; one FMA when the dtype leaves room
+    """``y = ((x - K) - cm) * a + b`` per channel; one subtraction when the dtype leaves room
     (see ``row_normalize``)."""
     if not wide(x2):
         C = x2.shape[1]
-        off = np.empty(C)
+        M = np.empty(C)
         fold = True
         for c in range(C):
-            M = K[c] + cm[c]
-            off[c] = b[c] - M * a[c]
-            if not abs(M * a[c]) <= FOLD_LIMIT:
+            M[c] = K[c] + cm[c]
+            if not abs(M[c] * a[c]) <= FOLD_LIMIT:
                 fold = False
         if fold:
-            _slab_apply1(x2, y2, r0, r1, a, off)
+            _slab_apply1(x2, y2, r0, r1, M, a, b)
             return
     slab_apply(x2, y2, r0, r1, K, cm, a, b)
 
