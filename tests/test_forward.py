@@ -3,6 +3,7 @@ every edge case of the engine issue."""
 
 from __future__ import annotations
 
+import math
 import pathlib
 import zlib
 
@@ -187,6 +188,51 @@ def test_nan_inf_stays_in_its_instance(bad, channel_axis, shape):
     hit[1 % shape[0], 1] = True
     assert np.isnan(yc[hit]).all()
     assert np.isfinite(yc[~hit]).all()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize(
+    "shape, channel_axis",
+    [
+        ((4, 3, 5), 1),  # short rows
+        ((2, 3, 5, 5), 1),
+        ((64, 4, 5, 4), 1),
+        ((2, 3, 4100), 1),  # long rows
+        ((1, 1, 300000), 1),  # few long instances: split across threads
+        ((2, 25, 3), -1),  # channels-last, few channels
+        ((2, 100, 64), -1),
+        ((1, 50000, 2), -1),  # channels-last, split
+    ],
+)
+def test_element_at_the_mean_gives_bias_exactly(dtype, shape, channel_axis):
+    # x == mean must give (x - mean) * a + b == b exactly, as in PyTorch: a constant
+    # background, or integer data whose mean is an integer, must not pick up rounding noise
+    # (a folded x * a + (b - mean * a) would leave ~1e-16 * |mean * a| there)
+    C = shape[channel_axis]
+    n = math.prod(shape)
+    pattern = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+    x = (7.0 + np.resize(pattern, n)).reshape(shape)
+    if channel_axis == -1:  # every instance must hold whole periods: vary along the rows
+        x = np.moveaxis((7.0 + np.resize(pattern, n)).reshape(np.roll(shape, 1)), 0, -1)
+    x = np.ascontiguousarray(x).astype(dtype)
+    bias = np.linspace(-1.5, 2.0, C)
+    bias[0] = 0.0  # where noise would show most: y must be exactly 0, not 1e-16
+    weight = np.linspace(0.5, 3.0, C)
+    y, mean, _ = instance_norm(x, weight, bias, channel_axis=channel_axis, return_stats=True)
+    np.testing.assert_array_equal(mean, 7.0)
+    at_mean = x == 7
+    assert at_mean.sum() * 5 == n
+    expect = np.broadcast_to(
+        bias.astype(dtype).reshape((C,) + (1,) * (len(shape) - 2) if channel_axis == 1 else C),
+        shape,
+    )
+    if dtype == "float64" and math.prod(shape[1:]) >= 100000:
+        # split instances: the float64 mean comes from Chan merges, whose rounding (one ulp)
+        # is all that x - mean can show; float32/float16 data fold the shift and stay exact
+        tol = 4 * 2.0**-52 * max(1.0, np.abs(bias).max())  # the float64 guarantee
+        np.testing.assert_allclose(y[at_mean], expect[at_mean], rtol=0, atol=tol)
+    else:
+        np.testing.assert_array_equal(y[at_mean], expect[at_mean])
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
