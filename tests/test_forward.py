@@ -433,3 +433,29 @@ def test_torch_golden(name):
     if rm is not None:
         np.testing.assert_allclose(rm, g["running_mean_after"], rtol=8 * eps, atol=8 * eps)
         np.testing.assert_allclose(rv, g["running_var_after"], rtol=8 * eps, atol=8 * eps)
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17])
+@pytest.mark.parametrize("N, C", [(8, 1), (3, 3), (13, 5), (4, 11), (9, 8), (2, 69)])
+def test_very_short_float32_rows_eight_at_a_time(L, N, C):
+    # float32 rows of up to 16 elements go eight at a time through vector code (when the CPU
+    # has AVX2); row counts that are not multiples of 8 and 64 leave remainders to the
+    # general path, and channel counts below and above 8 wrap the per-row weight lookup
+    rng = np.random.default_rng(L * 1000 + N * 10 + C)
+    x = rng.standard_normal((N, C, L)).astype(np.float32)
+    w = rng.uniform(0.5, 2.0, C)
+    b = rng.standard_normal(C)
+    check(x, weight=w, bias=b)
+    # a row far from zero in the middle of a group: its group takes the exact path, and the
+    # neighbours of that row must not notice
+    x[1 % N, C // 2] += np.float32(3e5)
+    check(x, weight=w, bias=b)
+    # NaN and Inf rows: answers for that instance only, as everywhere else
+    x[N // 2, 0, 0] = np.nan
+    x[-1, -1, -1] = np.inf
+    y, _ = check(x, weight=w, bias=b)
+    assert np.isnan(y[N // 2, 0]).all() and np.isnan(y[-1, -1]).all()
+    x2 = x.copy()
+    out = instance_norm(x2, w, b, out=x2)  # in place
+    assert out is x2
+    np.testing.assert_array_equal(out, instance_norm(x, w, b))

@@ -569,6 +569,239 @@ def _short_block1(x, y, r0, r1, w, b, C, eps, mean_out, var_out):
             ch = 0
 
 
+# --------------------------------------------------------------------------------------------
+# very short float32 rows (L <= SIMD_ROW): eight rows at a time in explicit vector IR
+#
+# Rows of a few elements (2x2 .. 4x4 feature maps) are too short for LLVM's loop vectorizer:
+# its vector body needs 64 float32 elements, so they ran scalar, at ~14 ns a row.  Here each
+# row is one masked 16-lane load, and eight rows share the rest: their horizontal sums are
+# folded together (a transpose-reduce: 7 vector additions for 8 rows instead of 3 per row),
+# and the eight rsqrt / division / fold tests are one vector operation each.  The arithmetic
+# is the short-row kernel's, operation for operation (same shift, one-pass sums, strict
+# ``m2 = s2 - s1 * c``, ``a = w / sqrt(var + eps)``, ``y = (x - M) * a + b`` with one FMA), the
+# sums only reassociated, as the FM_REDUCE loops may.  A group whose fold test fails (data far
+# from zero, NaN, Inf) is left untouched and reported, and the caller takes the exact path.
+
+#: longest row the eight-row kernel takes (one 16-lane vector per row)
+SIMD_ROW = 16
+
+
+def _target_has(feature: str) -> bool:
+    """True when Numba compiles for a CPU with ``feature`` (as ``_target_has_f16c``)."""
+    try:
+        from numba.core import codegen, config
+
+        features = config.CPU_FEATURES
+        if features is None:
+            features = codegen.get_host_cpu_features()
+        state = {}
+        for f in str(features).split(","):
+            f = f.strip()
+            if f[:1] in "+-" and len(f) > 1:
+                state[f[1:]] = f[0] == "+"
+        return state.get(feature, False)
+    except Exception:  # pragma: no cover - unknown features: the portable code
+        return False
+
+
+#: the eight-row kernel is used (masked vector loads and stores are native with AVX2 and up)
+HAS_SIMD_ROWS = _target_has("avx2")
+
+_I1 = ir.IntType(1)
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_F64 = ir.DoubleType()
+
+
+def _vec(ty, n):
+    return ir.VectorType(ty, n)
+
+
+def _splat(builder, v, n):
+    vt = _vec(v.type, n)
+    u = builder.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(_I32, 0))
+    zeros = ir.Constant(_vec(_I32, n), [0] * n)
+    return builder.shuffle_vector(u, ir.Constant(vt, ir.Undefined), zeros)
+
+
+def _shuffle(builder, a, b, lanes):
+    return builder.shuffle_vector(a, b, ir.Constant(_vec(_I32, len(lanes)), lanes))
+
+
+def _vname(vt):
+    e = vt.element
+    if isinstance(e, ir.FloatType):
+        return f"v{vt.count}f32"
+    if isinstance(e, ir.DoubleType):
+        return f"v{vt.count}f64"
+    return f"v{vt.count}i{e.width}"
+
+
+def _call_intrinsic(builder, name, ret, args):
+    fnty = ir.FunctionType(ret, [a.type for a in args])
+    fn = builder.module.globals.get(name)
+    if fn is None:
+        fn = ir.Function(builder.module, fnty, name)
+    return builder.call(fn, args)
+
+
+def _masked_load(builder, ptr, mask, vt, align):
+    name = f"llvm.masked.load.{_vname(vt)}.p0"
+    return _call_intrinsic(
+        builder, name, vt, [ptr, ir.Constant(_I32, align), mask, ir.Constant(vt, None)]
+    )
+
+
+def _masked_store(builder, val, ptr, mask, align):
+    name = f"llvm.masked.store.{_vname(val.type)}.p0"
+    _call_intrinsic(builder, name, ir.VoidType(), [val, ptr, ir.Constant(_I32, align), mask])
+
+
+def _transpose_sum8(builder, vs):
+    """Eight <8 x double> vectors -> one whose lane i is the sum of the lanes of vs[i]."""
+    u = [
+        builder.fadd(
+            _shuffle(builder, vs[i], vs[i + 1], [0, 1, 2, 3, 8, 9, 10, 11]),
+            _shuffle(builder, vs[i], vs[i + 1], [4, 5, 6, 7, 12, 13, 14, 15]),
+        )
+        for i in (0, 2, 4, 6)
+    ]  # u[k]: lanes 0-3 partial sums of vs[2k], lanes 4-7 of vs[2k+1]
+    w = [
+        builder.fadd(
+            _shuffle(builder, u[i], u[i + 1], [0, 1, 8, 9, 4, 5, 12, 13]),
+            _shuffle(builder, u[i], u[i + 1], [2, 3, 10, 11, 6, 7, 14, 15]),
+        )
+        for i in (0, 2)
+    ]  # w[0]: pairs of lanes for rows 0, 2, 1, 3; w[1] for rows 4, 6, 5, 7
+    z = builder.fadd(
+        _shuffle(builder, w[0], w[1], [0, 8, 2, 10, 4, 12, 6, 14]),
+        _shuffle(builder, w[0], w[1], [1, 9, 3, 11, 5, 13, 7, 15]),
+    )  # rows 0, 4, 2, 6, 1, 5, 3, 7
+    return _shuffle(builder, z, z, [0, 4, 2, 6, 1, 5, 3, 7])
+
+
+@intrinsic
+def _rows8_f32(typingctx, x, y, r0, ch0, w, b, eps, mean_out, var_out):
+    """Rows r0..r0+7 of float32 ``x`` (``L <= 16``) into ``y``, statistics into mean_out /
+    var_out; 1 when done, 0 (nothing written) when a row needs the exact path."""
+    sig = types.int64(x, y, r0, ch0, w, b, eps, mean_out, var_out)
+
+    def codegen(context, builder, signature, args):
+        xa = context.make_array(signature.args[0])(context, builder, args[0])
+        ya = context.make_array(signature.args[1])(context, builder, args[1])
+        wa = context.make_array(signature.args[4])(context, builder, args[4])
+        ba = context.make_array(signature.args[5])(context, builder, args[5])
+        ma = context.make_array(signature.args[7])(context, builder, args[7])
+        va = context.make_array(signature.args[8])(context, builder, args[8])
+        r0v, ch, epsv = args[2], args[3], args[6]
+        L = builder.extract_value(xa.shape, 1)
+        C = builder.extract_value(wa.shape, 0)
+        f32x16 = _vec(ir.FloatType(), 16)
+        f64x16 = _vec(_F64, 16)
+        f64x8 = _vec(_F64, 8)
+        lanes = ir.Constant(_vec(_I64, 16), list(range(16)))
+        mask = builder.icmp_signed("<", lanes, _splat(builder, L, 16))
+        zero16 = ir.Constant(f64x16, None)
+        lo = list(range(8))
+        hi = list(range(8, 16))
+        vals, s1s, s2s = [], [], []
+        kv = ir.Constant(f64x8, ir.Undefined)
+        wv = ir.Constant(f64x8, ir.Undefined)
+        bv = ir.Constant(f64x8, ir.Undefined)
+        one = ir.Constant(_I64, 1)
+        for i in range(8):
+            row = builder.add(r0v, ir.Constant(_I64, i))
+            p = builder.gep(xa.data, [builder.mul(row, L)])
+            v = builder.fpext(_masked_load(builder, p, mask, f32x16, 4), f64x16)
+            k = builder.extract_element(v, ir.Constant(_I32, 0))
+            d = builder.select(mask, builder.fsub(v, _splat(builder, k, 16)), zero16)
+            dl, dh = _shuffle(builder, d, d, lo), _shuffle(builder, d, d, hi)
+            s1s.append(builder.fadd(dl, dh, flags=("reassoc", "nsz")))
+            sq = builder.fadd(builder.fmul(dl, dl), builder.fmul(dh, dh), flags=("reassoc",))
+            s2s.append(sq)
+            vals.append(v)
+            idx = ir.Constant(_I32, i)
+            kv = builder.insert_element(kv, k, idx)
+            wv = builder.insert_element(wv, builder.load(builder.gep(wa.data, [ch])), idx)
+            bv = builder.insert_element(bv, builder.load(builder.gep(ba.data, [ch])), idx)
+            ch = builder.add(ch, one)
+            ch = builder.select(builder.icmp_signed("==", ch, C), ir.Constant(_I64, 0), ch)
+        s1 = _transpose_sum8(builder, s1s)
+        s2 = _transpose_sum8(builder, s2s)
+        inv_l = _splat(builder, builder.fdiv(ir.Constant(_F64, 1.0), builder.sitofp(L, _F64)), 8)
+        c = builder.fmul(s1, inv_l)
+        m2 = builder.fsub(s2, builder.fmul(s1, c))
+        zero8 = ir.Constant(f64x8, None)
+        m2 = builder.select(builder.fcmp_ordered("<", m2, zero8), zero8, m2)
+        mean = builder.fadd(kv, c)
+        var = builder.fmul(m2, inv_l)
+        sqrt = _call_intrinsic(
+            builder, "llvm.sqrt.v8f64", f64x8, [builder.fadd(var, _splat(builder, epsv, 8))]
+        )
+        a = builder.fdiv(wv, sqrt)
+        ma_abs = _call_intrinsic(builder, "llvm.fabs.v8f64", f64x8, [builder.fmul(mean, a)])
+        ok = builder.fcmp_ordered("<=", ma_abs, _splat(builder, ir.Constant(_F64, FOLD_LIMIT), 8))
+        all_ok = builder.icmp_unsigned(
+            "==", builder.bitcast(ok, ir.IntType(8)), ir.Constant(ir.IntType(8), 0xFF)
+        )
+        with builder.if_then(all_ok, likely=True):
+            mp = builder.gep(ma.data, [r0v])
+            builder.store(mean, builder.bitcast(mp, f64x8.as_pointer()), align=8)
+            vp = builder.gep(va.data, [r0v])
+            builder.store(var, builder.bitcast(vp, f64x8.as_pointer()), align=8)
+            for i in range(8):
+                idx = ir.Constant(_I32, i)
+                mi = _splat(builder, builder.extract_element(mean, idx), 16)
+                ai = _splat(builder, builder.extract_element(a, idx), 16)
+                bi = _splat(builder, builder.extract_element(bv, idx), 16)
+                d = builder.fsub(vals[i], mi)
+                yv = _call_intrinsic(builder, "llvm.fma.v16f64", f64x16, [d, ai, bi])
+                row = builder.add(r0v, ir.Constant(_I64, i))
+                p = builder.gep(ya.data, [builder.mul(row, L)])
+                _masked_store(builder, builder.fptrunc(yv, f32x16), p, mask, 4)
+        return builder.zext(all_ok, _I64)
+
+    return sig, codegen
+
+
+def rows8(x, y, r0, ch0, w, b, eps, mean_out, var_out):  # pragma: no cover - overloaded
+    return 0
+
+
+@overload(rows8, inline="always")
+def _ov_rows8(x, y, r0, ch0, w, b, eps, mean_out, var_out):
+    """The eight-row kernel where it applies (float32 in and out, contiguous float64
+    parameters, AVX2 or better); elsewhere 0, i.e. "take the general path"."""
+    ok = (
+        HAS_SIMD_ROWS
+        and isinstance(x, types.Array)
+        and x.dtype == types.float32
+        and isinstance(y, types.Array)
+        and y.dtype == types.float32
+        and x.layout == "C"
+        and y.layout == "C"
+        and all(
+            isinstance(t, types.Array) and t.dtype == types.float64 and t.layout == "C"
+            for t in (w, b, mean_out, var_out)
+        )
+    )
+    if ok:
+        return lambda x, y, r0, ch0, w, b, eps, mean_out, var_out: _rows8_f32(
+            x, y, r0, ch0, w, b, eps, mean_out, var_out
+        )
+    return lambda x, y, r0, ch0, w, b, eps, mean_out, var_out: 0
+
+
+def simd_rows(x, y):  # pragma: no cover - overloaded
+    return False
+
+
+@overload(simd_rows, inline="always")
+def _ov_simd_rows(x, y):
+    take = HAS_SIMD_ROWS and x.dtype == types.float32 and y.dtype == types.float32
+    return (lambda x, y: True) if take else (lambda x, y: False)
+
+
 @kernel(fastmath=FM_STRICT, parallel=True)
 def cf_short(x, y, w, b, C, eps, mean_out, var_out):
     """``cf_fused`` for short rows (``0 < L <= SHORT_ROW``): a block of rows per task."""
@@ -595,6 +828,18 @@ def cf_short(x, y, w, b, C, eps, mean_out, var_out):
                 ch += 1
                 if ch == C:
                     ch = 0
+        elif simd_rows(x, y) and L <= SIMD_ROW:
+            r = r0
+            ch = r0 % C
+            while r + 8 <= r1:
+                if rows8(x, y, r, ch, w, b, eps, mean_out, var_out) == 0:
+                    _short_block1(x, y, r, r + 8, w, b, C, eps, mean_out, var_out)
+                r += 8
+                ch += 8
+                while ch >= C:
+                    ch -= C
+            if r < r1:
+                _short_block1(x, y, r, r1, w, b, C, eps, mean_out, var_out)
         else:
             _short_block1(x, y, r0, r1, w, b, C, eps, mean_out, var_out)
 
