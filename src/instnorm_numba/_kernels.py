@@ -57,9 +57,9 @@ CL_MIN_ROWS = 16
 # versions (``*_soft``) are used and the ``half`` type is never emitted.
 
 
-def _target_has_f16c() -> bool:
-    """True when the code Numba generates may use F16C: the features it compiles for (from
-    ``NUMBA_CPU_FEATURES``, else the host's) enable f16c and avx.  False when unknown.
+def _target_features() -> dict:
+    """The CPU features Numba compiles for, ``{name: enabled}``: from ``NUMBA_CPU_FEATURES``,
+    else the host's (which applies ``NUMBA_ENABLE_AVX``); empty when unknown.
 
     Numba's cache keys on the CPU name and feature string, so a cached kernel compiled with
     one choice is never loaded by a process that would make the other.
@@ -69,16 +69,22 @@ def _target_has_f16c() -> bool:
 
         features = config.CPU_FEATURES
         if features is None:
-            features = codegen.get_host_cpu_features()  # applies NUMBA_ENABLE_AVX
+            features = codegen.get_host_cpu_features()
         state = {}
         for f in str(features).split(","):  # "+f16c,-avx512fp16,...": the last one wins
             f = f.strip()
             if f[:1] in "+-" and len(f) > 1:
                 state[f[1:]] = f[0] == "+"
-        # f16c needs avx in LLVM: "-avx" after "+f16c" would turn it off again
-        return state.get("f16c", False) and state.get("avx", False)
+        return state
     except Exception:  # pragma: no cover - unknown features: the portable code
-        return False
+        return {}
+
+
+def _target_has_f16c() -> bool:
+    """True when the code Numba generates may use F16C; False when unknown."""
+    state = _target_features()
+    # f16c needs avx in LLVM: "-avx" after "+f16c" would turn it off again
+    return state.get("f16c", False) and state.get("avx", False)
 
 
 #: the kernels use the hardware float16 conversions (decided once, at import)
@@ -586,26 +592,8 @@ def _short_block1(x, y, r0, r1, w, b, C, eps, mean_out, var_out):
 SIMD_ROW = 16
 
 
-def _target_has(feature: str) -> bool:
-    """True when Numba compiles for a CPU with ``feature`` (as ``_target_has_f16c``)."""
-    try:
-        from numba.core import codegen, config
-
-        features = config.CPU_FEATURES
-        if features is None:
-            features = codegen.get_host_cpu_features()
-        state = {}
-        for f in str(features).split(","):
-            f = f.strip()
-            if f[:1] in "+-" and len(f) > 1:
-                state[f[1:]] = f[0] == "+"
-        return state.get(feature, False)
-    except Exception:  # pragma: no cover - unknown features: the portable code
-        return False
-
-
 #: the eight-row kernel is used (masked vector loads and stores are native with AVX2 and up)
-HAS_SIMD_ROWS = _target_has("avx2")
+HAS_SIMD_ROWS = _target_features().get("avx2", False)
 
 _I1 = ir.IntType(1)
 _I32 = ir.IntType(32)
