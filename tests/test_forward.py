@@ -459,3 +459,23 @@ def test_very_short_float32_rows_eight_at_a_time(L, N, C):
     out = instance_norm(x2, w, b, out=x2)  # in place
     assert out is x2
     np.testing.assert_array_equal(out, instance_norm(x, w, b))
+
+
+@pytest.mark.parametrize("C", [16, 17, 31, 64, 100, 600])
+@pytest.mark.parametrize("N, L", [(1, 1), (2, 7), (1, 333), (3, 1000)])
+def test_channels_last_float32_sixteen_channels_at_a_time(N, L, C):
+    # channels-last float32 applies 16 channels at a time down blocks of rows (AVX2 and up);
+    # C not a multiple of 16 leaves a masked tail, L not a multiple of the block a short block
+    rng = np.random.default_rng(N * 100000 + L * 1000 + C)
+    x = (rng.standard_normal((N, L, C)) * rng.uniform(0.1, 10, C) + rng.uniform(-5, 5, C))
+    x = x.astype(np.float32)
+    w = rng.uniform(0.5, 2.0, C)
+    b = rng.standard_normal(C)
+    if L > 1:
+        check(x, weight=w, bias=b, channel_axis=-1)
+    y = instance_norm(x, w, b, channel_axis=-1)
+    x2 = x.copy()
+    assert instance_norm(x2, w, b, channel_axis=-1, out=x2) is x2  # in place
+    np.testing.assert_array_equal(x2, y)
+    yt = instance_norm(np.ascontiguousarray(np.moveaxis(x, -1, 1)), w, b)
+    np.testing.assert_array_equal(np.moveaxis(yt, 1, -1), y)  # the layouts agree bit for bit
