@@ -972,29 +972,66 @@ def cf_bwd_apply(x, dy, dx, nchunks, m, xbar, a, mdy, k):
 # backward, channels-last building blocks (slab (L, C), vectorized over channels)
 
 
-@kernel(fastmath=FM_APPLY)
+@kernel(fastmath=FM_REDUCE)
 def _slab_bwd_block(x2, g2, b, e, m, s0, s1, s2):
+    """Per-channel sums of rows b..e into ``s0, s1, s2``, four rows per sweep over the
+    channels: a quarter of the accumulator loads and stores (they, not the arithmetic, bound
+    this loop; see ``_slab_block1``)."""
     C = x2.shape[1]
     xs = x2[b:e]
     gs = g2[b:e]
+    nb = xs.shape[0]
     for c in range(C):
         s0[c] = 0.0
         s1[c] = 0.0
         s2[c] = 0.0
-    for i in range(xs.shape[0]):
+    i = 0
+    while i + 4 <= nb:
+        xa = xs[i]
+        xb = xs[i + 1]
+        xc = xs[i + 2]
+        xd = xs[i + 3]
+        ga = gs[i]
+        gb = gs[i + 1]
+        gc = gs[i + 2]
+        gd = gs[i + 3]
         for c in range(C):
-            g = to64(gs[i, c])
-            d = _sub(to64(xs[i, c]), m[c])
+            mc = m[c]
+            g0 = to64(ga[c])
+            g1 = to64(gb[c])
+            g2_ = to64(gc[c])
+            g3 = to64(gd[c])
+            d0 = _sub(to64(xa[c]), mc)
+            d1 = _sub(to64(xb[c]), mc)
+            d2 = _sub(to64(xc[c]), mc)
+            d3 = _sub(to64(xd[c]), mc)
+            s0[c] += (g0 + g1) + (g2_ + g3)
+            s1[c] += (d0 + d1) + (d2 + d3)
+            s2[c] += (g0 * d0 + g1 * d1) + (g2_ * d2 + g3 * d3)
+        i += 4
+    while i < nb:
+        xr = xs[i]
+        gr = gs[i]
+        for c in range(C):
+            g = to64(gr[c])
+            d = _sub(to64(xr[c]), m[c])
             s0[c] += g
             s1[c] += d
             s2[c] += g * d
+        i += 1
 
 
 @kernel(fastmath=FM_STRICT)
 def slab_bwd_sums(x2, g2, r0, r1, m, S0, S1, S2):
-    """Per-channel sums over rows ``r0:r1`` of a slab into ``S0, S1, S2`` (shape (C,))."""
+    """Per-channel sums over rows ``r0:r1`` of a slab into ``S0, S1, S2`` (shape (C,)).
+
+    Blocks of float32/float16 rows are as large as the forward's one-pass blocks: the block
+    totals are compensated, and fewer blocks mean fewer strict scalar merges per channel."""
     C = x2.shape[1]
-    rb = cl_rows_per_block(C)
+    if wide(x2):
+        rb = cl_rows_per_block(C)
+    else:
+        rb = max(CL_MIN_ROWS, min(CL_MAX_ROWS1, CL_BLOCK_ELEMS1 // max(C, 1)))
     b0 = np.empty(C)
     b1 = np.empty(C)
     b2 = np.empty(C)
@@ -1021,7 +1058,7 @@ def slab_bwd_sums(x2, g2, r0, r1, m, S0, S1, S2):
 
 
 @kernel(fastmath=FM_APPLY)
-def slab_bwd_apply(x2, g2, o2, r0, r1, m, xbar, a, mdy, k):
+def _slab_bwd_apply(x2, g2, o2, r0, r1, m, xbar, a, mdy, k):
     C = x2.shape[1]
     xs = x2[r0:r1]
     gs = g2[r0:r1]
@@ -1031,6 +1068,39 @@ def slab_bwd_apply(x2, g2, o2, r0, r1, m, xbar, a, mdy, k):
             e = _sub(_sub(to64(xs[i, c]), m[c]), xbar[c])
             t = _sub(to64(gs[i, c]), mdy[c])
             os[i, c] = cast_like(a[c] * t - e * k[c], os)
+
+
+@kernel(fastmath=FM_APPLY)
+def _slab_bwd_apply1(x2, g2, o2, r0, r1, a, k, z):
+    C = x2.shape[1]
+    xs = x2[r0:r1]
+    gs = g2[r0:r1]
+    os = o2[r0:r1]
+    for i in range(xs.shape[0]):
+        xr = xs[i]
+        gr = gs[i]
+        orow = os[i]
+        for c in range(C):
+            t = a[c] * to64(gr[c]) + z[c]
+            orow[c] = cast_like(t - k[c] * to64(xr[c]), orow)
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_bwd_apply(x2, g2, o2, r0, r1, m, xbar, a, mdy, k):
+    """``dx`` over rows ``r0:r1`` of a slab; folded (see ``bwd_fold``) when every channel
+    allows it."""
+    if not wide(x2):
+        C = x2.shape[1]
+        z = np.empty(C)
+        fold = True
+        for c in range(C):
+            ok, z[c] = bwd_fold(m[c], xbar[c], a[c], mdy[c], k[c])
+            if not ok:
+                fold = False
+        if fold:
+            _slab_bwd_apply1(x2, g2, o2, r0, r1, a, k, z)
+            return
+    _slab_bwd_apply(x2, g2, o2, r0, r1, m, xbar, a, mdy, k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1072,10 +1142,14 @@ def cl_bwd_partial(x, dy, mean, nchunks, ps0, ps1, ps2):
 
 @kernel(fastmath=FM_STRICT, parallel=True)
 def cl_bwd_apply(x, dy, dx, nchunks, m, xbar, a, mdy, k):
-    """Second sweep with per-(n, c) coefficients: tasks ``N * nchunks``."""
+    """Second sweep with per-(n, c) coefficients: tasks ``N * nchunks``, in the reverse order
+    of ``cl_bwd_partial``'s (the chunks read last are the ones still in the last-level cache;
+    see ``cf_apply``)."""
     N = x.shape[0]
     L = x.shape[1]
-    for t in prange(N * nchunks):
+    T = N * nchunks
+    for t0 in prange(T):
+        t = T - 1 - t0
         n, j, s, e = task_span(t, nchunks, L)
         slab_bwd_apply(x[n], dy[n], dx[n], s, e, m[n], xbar[n], a[n], mdy[n], k[n])
 
