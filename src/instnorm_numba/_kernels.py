@@ -986,6 +986,32 @@ def _slab_bwd_block(x2, g2, b, e, m, s0, s1, s2):
         s1[c] = 0.0
         s2[c] = 0.0
     i = 0
+    if C < CL_PERIODIC_C and nb >= CL_PERIODIC_ROWS:
+        # few channels: periodic flat stretches, as in ``_slab_block1``
+        W = CL_PERIODIC_ROWS * C
+        nfull = nb // CL_PERIODIC_ROWS
+        xf = xs[: nfull * CL_PERIODIC_ROWS].reshape(nfull * W)
+        gf = gs[: nfull * CL_PERIODIC_ROWS].reshape(nfull * W)
+        mw = np.empty(W)
+        a0 = np.zeros(W)
+        a1 = np.zeros(W)
+        a2 = np.zeros(W)
+        for q in range(W):
+            mw[q] = m[q % C]
+        for j in range(nfull):
+            xq = xf[j * W : (j + 1) * W]
+            gq = gf[j * W : (j + 1) * W]
+            for q in range(W):
+                g = to64(gq[q])
+                d = _sub(to64(xq[q]), mw[q])
+                a0[q] += g
+                a1[q] += d
+                a2[q] += g * d
+        for q in range(W):
+            s0[q % C] += a0[q]
+            s1[q % C] += a1[q]
+            s2[q % C] += a2[q]
+        i = nfull * CL_PERIODIC_ROWS
     while i + 4 <= nb:
         xa = xs[i]
         xb = xs[i + 1]
@@ -1030,8 +1056,10 @@ def slab_bwd_sums(x2, g2, r0, r1, m, S0, S1, S2):
     C = x2.shape[1]
     if wide(x2):
         rb = cl_rows_per_block(C)
-    else:
-        rb = max(CL_MIN_ROWS, min(CL_MAX_ROWS1, CL_BLOCK_ELEMS1 // max(C, 1)))
+    else:  # as slab_moments
+        rb = max(1, CL_BLOCK_ELEMS1 // max(C, 1))
+        if C >= CL_PERIODIC_C:
+            rb = min(CL_MAX_ROWS1, rb)
     b0 = np.empty(C)
     b1 = np.empty(C)
     b2 = np.empty(C)
@@ -1070,13 +1098,43 @@ def _slab_bwd_apply(x2, g2, o2, r0, r1, m, xbar, a, mdy, k):
             os[i, c] = cast_like(a[c] * t - e * k[c], os)
 
 
+#: the folded channels-last apply sweeps stretches of whole rows at least this many elements long
+CL_BWD_STRETCH = 512
+
+
 @kernel(fastmath=FM_APPLY)
 def _slab_bwd_apply1(x2, g2, o2, r0, r1, a, k, z):
+    """Folded ``dx`` of rows r0..r1, the rows seen flat: stretches of P whole rows (``W = P*C``
+    elements, coefficients tiled to W), one loop long enough to vectorize whatever C is, with
+    no per-row setup (C = 64 rows are only eight vectors long)."""
     C = x2.shape[1]
     xs = x2[r0:r1]
     gs = g2[r0:r1]
     os = o2[r0:r1]
-    for i in range(xs.shape[0]):
+    n = xs.shape[0]
+    P = max(1, CL_BWD_STRETCH // max(C, 1))
+    W = P * C
+    nfull = n // P
+    i0 = nfull * P
+    if nfull > 0:
+        xf = xs[:i0].reshape(nfull * W)
+        gf = gs[:i0].reshape(nfull * W)
+        of = os[:i0].reshape(nfull * W)
+        aw = np.empty(W)
+        kw = np.empty(W)
+        zw = np.empty(W)
+        for q in range(W):
+            aw[q] = a[q % C]
+            kw[q] = k[q % C]
+            zw[q] = z[q % C]
+        for j in range(nfull):
+            xq = xf[j * W : (j + 1) * W]
+            gq = gf[j * W : (j + 1) * W]
+            oq = of[j * W : (j + 1) * W]
+            for q in range(W):
+                t = aw[q] * to64(gq[q]) + zw[q]
+                oq[q] = cast_like(t - kw[q] * to64(xq[q]), oq)
+    for i in range(i0, n):
         xr = xs[i]
         gr = gs[i]
         orow = os[i]
