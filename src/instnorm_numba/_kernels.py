@@ -1200,14 +1200,12 @@ def cl_bwd_partial(x, dy, mean, nchunks, ps0, ps1, ps2):
 
 @kernel(fastmath=FM_STRICT, parallel=True)
 def cl_bwd_apply(x, dy, dx, nchunks, m, xbar, a, mdy, k):
-    """Second sweep with per-(n, c) coefficients: tasks ``N * nchunks``, in the reverse order
-    of ``cl_bwd_partial``'s (the chunks read last are the ones still in the last-level cache;
-    see ``cf_apply``)."""
+    """Second sweep with per-(n, c) coefficients: tasks ``N * nchunks``.  (Not in reverse
+    order as ``cf_apply``: measured slower here, x and dy together outgrow the cache.)"""
     N = x.shape[0]
     L = x.shape[1]
     T = N * nchunks
-    for t0 in prange(T):
-        t = T - 1 - t0
+    for t in prange(T):
         n, j, s, e = task_span(t, nchunks, L)
         slab_bwd_apply(x[n], dy[n], dx[n], s, e, m[n], xbar[n], a[n], mdy[n], k[n])
 
