@@ -139,6 +139,35 @@ def test_offset_mean_rounding_is_undone():
     assert ref.ulp_error(naive, exact, scale=scale) > 100  # what the re-centring buys
 
 
+@pytest.mark.parametrize(
+    "dtype, offset", [("float16", 0.0), ("float16", 1e3), ("float32", 0.0), ("float32", 1e3),
+                      ("float32", 3e5)]
+)
+@pytest.mark.parametrize("channel_axis", [1, -1])
+def test_folded_and_exact_apply(dtype, offset, channel_axis):
+    """float32/float16 instances long enough for the folded apply (``dx = a*dy - k*x + z``),
+    and, with dy following x (a large k) far from zero, past FOLD_LIMIT into the exact form."""
+    from instnorm_numba import _kernels as K
+
+    L = 2 * K.BWD_FOLD_MIN
+    shape = (2, 3, L) if channel_axis == 1 else (2, L, 3)
+    r = rng((dtype, offset, channel_axis, "fold"))
+    spread = 3.0 if offset < 1e5 else 1.0  # 3e5 +- 1: |k * mean| ~ 3e5 > FOLD_LIMIT
+    x = (r.standard_normal(shape) * spread + offset).astype(dtype)
+    xf = np.asarray(x, dtype=float)
+    centred = (xf - xf.mean(axis=-1 if channel_axis == 1 else 1, keepdims=True)) / xf.std(
+        axis=-1 if channel_axis == 1 else 1, keepdims=True
+    )
+    dy = (centred + 0.3 * r.standard_normal(shape)).astype(dtype)
+    mean, rstd = forward_stats(x, channel_axis=channel_axis)
+    # |k * mean| with k = rstd**2 * mean(dy * xhat): which side of FOLD_LIMIT this case is on
+    xhat = centred if channel_axis == 1 else np.moveaxis(centred, 1, -1)
+    dyl = np.asarray(dy, float) if channel_axis == 1 else np.moveaxis(np.asarray(dy, float), 1, -1)
+    km = np.abs(rstd**2 * (dyl * xhat).mean(axis=-1) * mean)
+    assert (km.max() > K.FOLD_LIMIT) == (offset > 1e5)
+    check(dy, x, channel_axis=channel_axis)
+
+
 @pytest.mark.parametrize("channel_axis", [1, -1])
 @pytest.mark.parametrize("nchunks", [2, 3, 7, 64])
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])

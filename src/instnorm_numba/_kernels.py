@@ -1323,7 +1323,7 @@ def row_bwd_sums(x, dy, start, stop, m):
 
 
 @kernel(fastmath=FM_APPLY)
-def row_bwd_apply(x, dy, dx, start, stop, m, xbar, a, mdy, k):
+def _row_bwd_apply(x, dy, dx, start, stop, m, xbar, a, mdy, k):
     xs = x[start:stop]
     gs = dy[start:stop]
     os = dx[start:stop]
@@ -1331,6 +1331,49 @@ def row_bwd_apply(x, dy, dx, start, stop, m, xbar, a, mdy, k):
         e = _sub(_sub(to64(xs[i]), m), xbar)
         t = _sub(to64(gs[i]), mdy)
         os[i] = cast_like(a * t - e * k, os)
+
+
+@kernel(fastmath=FM_APPLY)
+def _row_bwd_apply1(x, dy, dx, start, stop, a, k, z):
+    xs = x[start:stop]
+    gs = dy[start:stop]
+    os = dx[start:stop]
+    for i in range(xs.shape[0]):
+        t = a * to64(gs[i]) + z
+        os[i] = cast_like(t - k * to64(xs[i]), os)
+
+
+#: channels-first rows shorter than this keep the unfolded apply: the folded one costs about
+#: 10 ns more per row (measured: 4x4 instances 18% slower, 128-element rows 10%), which only
+#: rows of a thousand elements or more win back (3000-4096 elements in cache: 15% faster)
+BWD_FOLD_MIN = 1024
+
+
+@kernel(fastmath=FM_STRICT)
+def bwd_fold(m, xbar, a, mdy, k):
+    """``(fold, z)``: whether ``dx = a * dy - k * x + z`` may replace
+    ``a * (dy - mdy) - ((x - m) - xbar) * k`` for float32/float16 input, and ``z``.
+
+    The folded form adds only ``|k * (m + xbar)|`` to the magnitudes rounded in float64 (the
+    two fused multiply-adds and ``z``): while that stays below FOLD_LIMIT it costs at most
+    ``2**16 * 2**-51`` of ``max(1, |dx|)``, far below the 0.5 epsilon (``2**-24``) of the final
+    rounding, as in ``row_normalize``.  It saves three subtractions and two broadcast
+    coefficients per element."""
+    M = m + xbar
+    km = k * M
+    return abs(km) <= FOLD_LIMIT, km - a * mdy
+
+
+@kernel(fastmath=FM_STRICT)
+def row_bwd_apply(x, dy, dx, start, stop, m, xbar, a, mdy, k):
+    """``dx`` over ``start:stop`` of one row, folded when the dtype leaves room and the row is
+    at least BWD_FOLD_MIN long."""
+    if not wide(x) and stop - start >= BWD_FOLD_MIN:
+        fold, z = bwd_fold(m, xbar, a, mdy, k)
+        if fold:
+            _row_bwd_apply1(x, dy, dx, start, stop, a, k, z)
+            return
+    _row_bwd_apply(x, dy, dx, start, stop, m, xbar, a, mdy, k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1346,7 +1389,10 @@ def cf_bwd_fused(x, dy, dx, mean, rstd, w, C, sdy_out, sdyx_out):
         m = mean[r]
         s0, s1, s2 = row_bwd_sums(x[r], dy[r], 0, L, m)
         xbar, a, mdy, k, sdyx = bwd_coeffs(float(L), s0, s1, s2, rstd[r], w[r % C])
-        row_bwd_apply(x[r], dy[r], dx[r], 0, L, m, xbar, a, mdy, k)
+        if L < BWD_FOLD_MIN:  # (decided here: a short row must not even pay for the test)
+            _row_bwd_apply(x[r], dy[r], dx[r], 0, L, m, xbar, a, mdy, k)
+        else:
+            row_bwd_apply(x[r], dy[r], dx[r], 0, L, m, xbar, a, mdy, k)
         sdy_out[r] = s0
         sdyx_out[r] = sdyx
 
@@ -1375,29 +1421,94 @@ def cf_bwd_apply(x, dy, dx, nchunks, m, xbar, a, mdy, k):
 # backward, channels-last building blocks (slab (L, C), vectorized over channels)
 
 
-@kernel(fastmath=FM_APPLY)
+@kernel(fastmath=FM_REDUCE)
 def _slab_bwd_block(x2, g2, b, e, m, s0, s1, s2):
+    """Per-channel sums of rows b..e into ``s0, s1, s2``, four rows per sweep over the
+    channels: a quarter of the accumulator loads and stores (they, not the arithmetic, bound
+    this loop; see ``_slab_block1``)."""
     C = x2.shape[1]
     xs = x2[b:e]
     gs = g2[b:e]
+    nb = xs.shape[0]
     for c in range(C):
         s0[c] = 0.0
         s1[c] = 0.0
         s2[c] = 0.0
-    for i in range(xs.shape[0]):
+    i = 0
+    if C < CL_PERIODIC_C and nb >= CL_PERIODIC_ROWS:
+        # few channels: periodic flat stretches, as in ``_slab_block1``
+        W = CL_PERIODIC_ROWS * C
+        nfull = nb // CL_PERIODIC_ROWS
+        xf = xs[: nfull * CL_PERIODIC_ROWS].reshape(nfull * W)
+        gf = gs[: nfull * CL_PERIODIC_ROWS].reshape(nfull * W)
+        mw = np.empty(W)
+        a0 = np.zeros(W)
+        a1 = np.zeros(W)
+        a2 = np.zeros(W)
+        for q in range(W):
+            mw[q] = m[q % C]
+        for j in range(nfull):
+            xq = xf[j * W : (j + 1) * W]
+            gq = gf[j * W : (j + 1) * W]
+            for q in range(W):
+                g = to64(gq[q])
+                d = _sub(to64(xq[q]), mw[q])
+                a0[q] += g
+                a1[q] += d
+                a2[q] += g * d
+        for q in range(W):
+            s0[q % C] += a0[q]
+            s1[q % C] += a1[q]
+            s2[q % C] += a2[q]
+        i = nfull * CL_PERIODIC_ROWS
+    while i + 4 <= nb:
+        xa = xs[i]
+        xb = xs[i + 1]
+        xc = xs[i + 2]
+        xd = xs[i + 3]
+        ga = gs[i]
+        gb = gs[i + 1]
+        gc = gs[i + 2]
+        gd = gs[i + 3]
         for c in range(C):
-            g = to64(gs[i, c])
-            d = _sub(to64(xs[i, c]), m[c])
+            mc = m[c]
+            g0 = to64(ga[c])
+            g1 = to64(gb[c])
+            g2_ = to64(gc[c])
+            g3 = to64(gd[c])
+            d0 = _sub(to64(xa[c]), mc)
+            d1 = _sub(to64(xb[c]), mc)
+            d2 = _sub(to64(xc[c]), mc)
+            d3 = _sub(to64(xd[c]), mc)
+            s0[c] += (g0 + g1) + (g2_ + g3)
+            s1[c] += (d0 + d1) + (d2 + d3)
+            s2[c] += (g0 * d0 + g1 * d1) + (g2_ * d2 + g3 * d3)
+        i += 4
+    while i < nb:
+        xr = xs[i]
+        gr = gs[i]
+        for c in range(C):
+            g = to64(gr[c])
+            d = _sub(to64(xr[c]), m[c])
             s0[c] += g
             s1[c] += d
             s2[c] += g * d
+        i += 1
 
 
 @kernel(fastmath=FM_STRICT)
 def slab_bwd_sums(x2, g2, r0, r1, m, S0, S1, S2):
-    """Per-channel sums over rows ``r0:r1`` of a slab into ``S0, S1, S2`` (shape (C,))."""
+    """Per-channel sums over rows ``r0:r1`` of a slab into ``S0, S1, S2`` (shape (C,)).
+
+    Blocks of float32/float16 rows are as large as the forward's one-pass blocks: the block
+    totals are compensated, and fewer blocks mean fewer strict scalar merges per channel."""
     C = x2.shape[1]
-    rb = cl_rows_per_block(C)
+    if wide(x2):
+        rb = cl_rows_per_block(C)
+    else:  # as slab_moments
+        rb = max(1, CL_BLOCK_ELEMS1 // max(C, 1))
+        if C >= CL_PERIODIC_C:
+            rb = min(CL_MAX_ROWS1, rb)
     b0 = np.empty(C)
     b1 = np.empty(C)
     b2 = np.empty(C)
@@ -1424,7 +1535,7 @@ def slab_bwd_sums(x2, g2, r0, r1, m, S0, S1, S2):
 
 
 @kernel(fastmath=FM_APPLY)
-def slab_bwd_apply(x2, g2, o2, r0, r1, m, xbar, a, mdy, k):
+def _slab_bwd_apply(x2, g2, o2, r0, r1, m, xbar, a, mdy, k):
     C = x2.shape[1]
     xs = x2[r0:r1]
     gs = g2[r0:r1]
@@ -1434,6 +1545,69 @@ def slab_bwd_apply(x2, g2, o2, r0, r1, m, xbar, a, mdy, k):
             e = _sub(_sub(to64(xs[i, c]), m[c]), xbar[c])
             t = _sub(to64(gs[i, c]), mdy[c])
             os[i, c] = cast_like(a[c] * t - e * k[c], os)
+
+
+#: the folded channels-last apply sweeps stretches of whole rows at least this many elements long
+CL_BWD_STRETCH = 512
+
+
+@kernel(fastmath=FM_APPLY)
+def _slab_bwd_apply1(x2, g2, o2, r0, r1, a, k, z):
+    """Folded ``dx`` of rows r0..r1, the rows seen flat: stretches of P whole rows (``W = P*C``
+    elements, coefficients tiled to W), one loop long enough to vectorize whatever C is, with
+    no per-row setup (C = 64 rows are only eight vectors long)."""
+    C = x2.shape[1]
+    xs = x2[r0:r1]
+    gs = g2[r0:r1]
+    os = o2[r0:r1]
+    n = xs.shape[0]
+    P = max(1, CL_BWD_STRETCH // max(C, 1))
+    W = P * C
+    nfull = n // P
+    i0 = nfull * P
+    if nfull > 0:
+        xf = xs[:i0].reshape(nfull * W)
+        gf = gs[:i0].reshape(nfull * W)
+        of = os[:i0].reshape(nfull * W)
+        aw = np.empty(W)
+        kw = np.empty(W)
+        zw = np.empty(W)
+        for q in range(W):
+            aw[q] = a[q % C]
+            kw[q] = k[q % C]
+            zw[q] = z[q % C]
+        for j in range(nfull):
+            xq = xf[j * W : (j + 1) * W]
+            gq = gf[j * W : (j + 1) * W]
+            oq = of[j * W : (j + 1) * W]
+            for q in range(W):
+                t = aw[q] * to64(gq[q]) + zw[q]
+                oq[q] = cast_like(t - kw[q] * to64(xq[q]), oq)
+    for i in range(i0, n):
+        xr = xs[i]
+        gr = gs[i]
+        orow = os[i]
+        for c in range(C):
+            t = a[c] * to64(gr[c]) + z[c]
+            orow[c] = cast_like(t - k[c] * to64(xr[c]), orow)
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_bwd_apply(x2, g2, o2, r0, r1, m, xbar, a, mdy, k):
+    """``dx`` over rows ``r0:r1`` of a slab; folded (see ``bwd_fold``) when every channel
+    allows it."""
+    if not wide(x2):
+        C = x2.shape[1]
+        z = np.empty(C)
+        fold = True
+        for c in range(C):
+            ok, z[c] = bwd_fold(m[c], xbar[c], a[c], mdy[c], k[c])
+            if not ok:
+                fold = False
+        if fold:
+            _slab_bwd_apply1(x2, g2, o2, r0, r1, a, k, z)
+            return
+    _slab_bwd_apply(x2, g2, o2, r0, r1, m, xbar, a, mdy, k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1475,10 +1649,12 @@ def cl_bwd_partial(x, dy, mean, nchunks, ps0, ps1, ps2):
 
 @kernel(fastmath=FM_STRICT, parallel=True)
 def cl_bwd_apply(x, dy, dx, nchunks, m, xbar, a, mdy, k):
-    """Second sweep with per-(n, c) coefficients: tasks ``N * nchunks``."""
+    """Second sweep with per-(n, c) coefficients: tasks ``N * nchunks``.  (Not in reverse
+    order as ``cf_apply``: measured slower here, x and dy together outgrow the cache.)"""
     N = x.shape[0]
     L = x.shape[1]
-    for t in prange(N * nchunks):
+    T = N * nchunks
+    for t in prange(T):
         n, j, s, e = task_span(t, nchunks, L)
         slab_bwd_apply(x[n], dy[n], dx[n], s, e, m[n], xbar[n], a[n], mdy[n], k[n])
 
