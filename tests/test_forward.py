@@ -479,3 +479,23 @@ def test_channels_last_float32_sixteen_channels_at_a_time(N, L, C):
     np.testing.assert_array_equal(x2, y)
     yt = instance_norm(np.ascontiguousarray(np.moveaxis(x, -1, 1)), w, b)
     np.testing.assert_array_equal(np.moveaxis(yt, 1, -1), y)  # the layouts agree bit for bit
+
+
+@pytest.mark.parametrize(
+    "mean, bias, bound",
+    [
+        (0.0, 1.5, 0.51),  # small shift and bias: float32 arithmetic, within 0.51 epsilon
+        (0.0, -31.0, 0.51),
+        (0.0, 40.0, 0.5),  # |bias| > HALF32_BIAS: float64, correctly rounded
+        (300.0, 1.5, 0.5),  # |mean * a| > HALF32_SHIFT: float64, correctly rounded
+    ],
+)
+@pytest.mark.parametrize("L", [12, 5000])
+def test_float16_rounding_on_both_sides_of_the_float32_apply(mean, bias, bound, L):
+    rng = np.random.default_rng(int(mean) + L)
+    x = (mean + rng.standard_normal((3, 4, L))).astype(np.float16)
+    w = rng.uniform(0.5, 2.0, 4)
+    b = np.full(4, bias)
+    y = instance_norm(x, w, b)
+    exact = ref.instance_norm(x, w, b, exact=True)
+    assert ref.ulp_error(y, exact) <= bound + 1e-9

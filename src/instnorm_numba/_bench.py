@@ -10,8 +10,12 @@ In one process and with one thread count for everyone, each case of the suite ti
 * the peers, when importable: PyTorch CPU ``F.instance_norm`` and ONNX Runtime CPU
   ``InstanceNormalization``.
 
-Timed calls of ours, the copy and the peers are interleaved round-robin, so a burst of load
-from elsewhere hits all of them alike and the ratios stay meaningful on a shared machine.
+Each implementation is timed in its own block of back-to-back calls, after untimed calls that
+warm it up for SETTLE seconds, and the blocks run twice, the second time in reverse order, so a
+slow drift of the machine's speed hits all of them alike.  Calls are not interleaved
+round-robin: PyTorch's OpenMP threads keep spinning for milliseconds after each call (as ONNX
+Runtime's pool does), and on a machine with few cores that stole a core from whichever
+implementation was timed next (ours took 2.0 ms instead of 1.2 ms right after PyTorch).
 Every result of ours is compared with the extended-precision reference (for the largest cases
 on a subset of channels, which are independent instances): the error column is the largest
 ``|y - exact| / max(1, |exact|)`` in units of the dtype's machine epsilon.
@@ -252,20 +256,31 @@ def _once(fn) -> float:
     return time.perf_counter() - t0
 
 
-def time_interleaved(fns: dict, repeat: int | None, budget: float) -> dict:
-    """Median seconds of each callable, timed round-robin ``repeat`` times (after a warm-up).
+#: seconds of untimed calls before each block of timed ones
+SETTLE = 0.05
 
-    With ``repeat=None`` the count is chosen so the whole measurement takes about ``budget``
-    seconds, between 5 and 300 rounds.
+
+def time_blocks(fns: dict, repeat: int | None, budget: float) -> dict:
+    """Median seconds of each callable, timed in blocks of back-to-back calls.
+
+    Each callable runs untimed for at least SETTLE seconds (and twice), then ``repeat`` timed
+    calls; then every block runs again in reverse order and the median is over both.  With
+    ``repeat=None`` a block takes about ``budget / (2 * len(fns))`` seconds, 3 to 150 calls
+    (one for a callable slower than that).
     """
-    first = {k: _once(f) for k, f in fns.items()}  # warm-up: compile, page in, allocate
-    if repeat is None:
-        per_round = sum(min(first[k], _once(f)) for k, f in fns.items())
-        repeat = int(min(300, max(5, budget / max(per_round, 1e-7))))
     samples = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, f in fns.items():
-            samples[k].append(_once(f))
+    share = budget / (2 * max(len(fns), 1))
+    for order in (list(fns), list(fns)[::-1]):
+        for k in order:
+            f = fns[k]
+            t_end = time.perf_counter() + SETTLE
+            warm = [_once(f)]
+            while time.perf_counter() < t_end or len(warm) < 2 and warm[0] < share:
+                warm.append(_once(f))
+            # (the slow NumPy reference gets a single timed call per block)
+            fewest = 3 if min(warm) < share else 1
+            n = repeat if repeat is not None else int(min(150, max(fewest, share / min(warm))))
+            samples[k].extend(_once(f) for _ in range(n))
     return {k: float(np.median(v)) for k, v in samples.items()}
 
 
@@ -353,7 +368,7 @@ def run_case(case: Case, *, repeat, budget, threads, peers=True, check=True) -> 
                 res.notes[name] = why
             else:
                 fns[name] = fn
-    res.ms = {k: v * 1e3 for k, v in time_interleaved(fns, repeat, budget).items()}
+    res.ms = {k: v * 1e3 for k, v in time_blocks(fns, repeat, budget).items()}
     ref_repeat = 1 if x.size > (1 << 20) else 3
     res.ms["reference"] = 1e3 * min(
         _once(lambda: reference.instance_norm(x, weight, bias, channel_axis=ax))
@@ -396,7 +411,7 @@ def run_backward(case, backward, x, weight, *, repeat, budget, threads, peers, c
             res.notes["torch"] = why
         else:
             fns["torch"] = fn
-    res.ms = {k: v * 1e3 for k, v in time_interleaved(fns, repeat, budget).items()}
+    res.ms = {k: v * 1e3 for k, v in time_blocks(fns, repeat, budget).items()}
     # backward reads x and dy and writes dx
     res.gbps = 3 * x.nbytes / (res.ms["ours"] * 1e-3) / 1e9
     if check:
