@@ -679,3 +679,21 @@ def test_property_matches_reference(n, c, spatial, channels_last, dtype, offset,
     dy = (r.standard_normal(shape) * r.uniform(0.1, 10) + r.uniform(-2, 2)).astype(dtype)
     w = r.uniform(-3, 3, c) if affine else None
     check(dy, x, weight=w, channel_axis=ax)
+
+
+@pytest.mark.parametrize("C", [16, 17, 64, 100])
+@pytest.mark.parametrize("N, L", [(1, 7), (2, 333), (1, 3000)])
+def test_channels_last_float32_many_channels(N, L, C):
+    # channels-last float32 dx swept flat over stretches of whole rows, C not a divisor of
+    # the stretch; N = 1 splits the rows across threads
+    r = rng(("cl16", N, L, C))
+    x = (r.standard_normal((N, L, C)) * r.uniform(0.1, 10, C) + r.uniform(-5, 5, C))
+    x = x.astype(np.float32)
+    dy = r.standard_normal((N, L, C)).astype(np.float32)
+    w = r.uniform(0.5, 2.0, C)
+    check(dy, x, weight=w, channel_axis=-1)
+    mean, rstd = forward_stats(x, w, -1)
+    dx = instance_norm_backward(dy, x, mean, rstd, w, channel_axis=-1)[0]
+    g = dy.copy()
+    assert instance_norm_backward(g, x, mean, rstd, w, channel_axis=-1, out=g)[0] is g
+    np.testing.assert_array_equal(g, dx)  # out=grad_output, in place

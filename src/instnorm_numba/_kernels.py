@@ -1130,11 +1130,65 @@ def _slab_apply1(x2, y2, r0, r1, M, a, b):
             yr[i, c] = cast_like((to64(xr[i, c]) - M[c]) * a[c] + b[c], yr)
 
 
+def _load16(builder, ptr, mask, vt, align):
+    """16 lanes from ``ptr``; only the ``mask`` lanes when a mask is given."""
+    if mask is None:
+        return builder.load(builder.bitcast(ptr, vt.as_pointer()), align=align)
+    return _masked_load(builder, ptr, mask, vt, align)
+
+
+def _store16(builder, val, ptr, mask, align):
+    if mask is None:
+        builder.store(val, builder.bitcast(ptr, val.type.as_pointer()), align=align)
+    else:
+        _masked_store(builder, val, ptr, mask, align)
+
+
+def _cl_columns(builder, C, r0v, r1v, coefs, body):
+    """Rows r0..r1 of a channels-last slab, 16 channels at a time: for each block of rows
+    (about CL_APPLY_BLOCK elements, so it stays in L1), for each 16-channel column (the last
+    one masked), the float64 coefficient vectors of ``coefs`` (data pointers of (C,) arrays)
+    are loaded once and ``body(at, mask, vectors)`` runs for every row, ``at`` the element
+    index of the row's first channel of the column.  That keeps the coefficients in registers
+    down the rows: LLVM's own loop must reload them after every store, which might alias."""
+    f64x16 = _vec(_F64, 16)
+    lanes = ir.Constant(_vec(_I64, 16), list(range(16)))
+    sixteen = ir.Constant(_I64, 16)
+    one = ir.Constant(_I64, 1)
+    rb = builder.sdiv(ir.Constant(_I64, CL_APPLY_BLOCK), C)
+    rb = builder.select(builder.icmp_signed("<", rb, one), one, rb)
+    nblk = builder.sdiv(C, sixteen)
+    done = builder.mul(nblk, sixteen)
+    rest = builder.sub(C, done)
+    tail_mask = builder.icmp_signed("<", lanes, _splat(builder, rest, 16))
+
+    def column(rs, nr, off, mask):
+        vecs = [_load16(builder, builder.gep(p, [off]), mask, f64x16, 8) for p in coefs]
+        with cgutils.for_range(builder, nr) as loop:
+            body(builder.add(builder.mul(builder.add(rs, loop.index), C), off), mask, vecs)
+
+    nrb = builder.sdiv(builder.add(builder.sub(r1v, r0v), builder.sub(rb, one)), rb)
+    with cgutils.for_range(builder, nrb) as rbl:
+        rs = builder.add(r0v, builder.mul(rbl.index, rb))
+        nr = builder.sub(r1v, rs)
+        nr = builder.select(builder.icmp_signed("<", rb, nr), rb, nr)
+        with cgutils.for_range(builder, nblk) as blk:
+            column(rs, nr, builder.mul(blk.index, sixteen), None)
+        with builder.if_then(builder.icmp_signed(">", rest, ir.Constant(_I64, 0))):
+            column(rs, nr, done, tail_mask)
+
+
+_F32X16 = _vec(ir.FloatType(), 16)
+_F64X16 = _vec(_F64, 16)
+
+
+def _fma16(builder, a, b, c):
+    return _call_intrinsic(builder, "llvm.fma.v16f64", _F64X16, [a, b, c])
+
+
 @intrinsic
 def _cl_apply_f32(typingctx, x2, y2, r0, r1, M, a, b):
-    """``y = (x - M) * a + b`` over rows r0..r1 of a float32 (L, C) slab, 16 channels at a
-    time, their M, a and b held in registers down the rows (LLVM must reload them from
-    memory after every store to y, which might alias them)."""
+    """``y = (x - M) * a + b`` over rows r0..r1 of a float32 (L, C) slab (``_cl_columns``)."""
     sig = types.void(x2, y2, r0, r1, M, a, b)
 
     def codegen(context, builder, signature, args):
@@ -1142,61 +1196,29 @@ def _cl_apply_f32(typingctx, x2, y2, r0, r1, M, a, b):
             context.make_array(signature.args[i])(context, builder, args[i])
             for i in (0, 1, 4, 5, 6)
         )
-        r0v, r1v = args[2], args[3]
+
+        def body(at, mask, vecs):
+            mv, av, bv = vecs
+            v = _load16(builder, builder.gep(xa.data, [at]), mask, _F32X16, 4)
+            d = builder.fsub(builder.fpext(v, _F64X16), mv)
+            yv = builder.fptrunc(_fma16(builder, d, av, bv), _F32X16)
+            _store16(builder, yv, builder.gep(ya.data, [at]), mask, 4)
+
         C = builder.extract_value(xa.shape, 1)
-        f32x16 = _vec(ir.FloatType(), 16)
-        f64x16 = _vec(_F64, 16)
-        lanes = ir.Constant(_vec(_I64, 16), list(range(16)))
-        sixteen = ir.Constant(_I64, 16)
-        one = ir.Constant(_I64, 1)
-        nrows = builder.sub(r1v, r0v)
-
-        def sweep(rs, nr, off, mask):
-            """Channels off..off+16 (``mask``: those that exist) of rows rs..rs+nr."""
-
-            def coef(arr):
-                p = builder.gep(arr.data, [off])
-                if mask is None:
-                    return builder.load(builder.bitcast(p, f64x16.as_pointer()), align=8)
-                return _masked_load(builder, p, mask, f64x16, 8)
-
-            mv, av, bv = coef(ma), coef(aa), coef(ba)
-            with cgutils.for_range(builder, nr) as loop:
-                at = builder.add(builder.mul(builder.add(rs, loop.index), C), off)
-                px = builder.gep(xa.data, [at])
-                py = builder.gep(ya.data, [at])
-                if mask is None:
-                    v = builder.load(builder.bitcast(px, f32x16.as_pointer()), align=4)
-                else:
-                    v = _masked_load(builder, px, mask, f32x16, 4)
-                d = builder.fsub(builder.fpext(v, f64x16), mv)
-                yv = builder.fptrunc(
-                    _call_intrinsic(builder, "llvm.fma.v16f64", f64x16, [d, av, bv]), f32x16
-                )
-                if mask is None:
-                    builder.store(yv, builder.bitcast(py, f32x16.as_pointer()), align=4)
-                else:
-                    _masked_store(builder, yv, py, mask, 4)
-
-        # blocks of rows that stay in L1 while their 16-channel columns are swept in turn
-        rb = builder.sdiv(ir.Constant(_I64, CL_APPLY_BLOCK), C)
-        rb = builder.select(builder.icmp_signed("<", rb, one), one, rb)
-        nblk = builder.sdiv(C, sixteen)
-        done = builder.mul(nblk, sixteen)
-        rest = builder.sub(C, done)
-        tail_mask = builder.icmp_signed("<", lanes, _splat(builder, rest, 16))
-        nrb = builder.sdiv(builder.add(nrows, builder.sub(rb, one)), rb)
-        with cgutils.for_range(builder, nrb) as rbl:
-            rs = builder.add(r0v, builder.mul(rbl.index, rb))
-            nr = builder.sub(r1v, rs)
-            nr = builder.select(builder.icmp_signed("<", rb, nr), rb, nr)
-            with cgutils.for_range(builder, nblk) as blk:
-                sweep(rs, nr, builder.mul(blk.index, sixteen), None)
-            with builder.if_then(builder.icmp_signed(">", rest, ir.Constant(_I64, 0))):
-                sweep(rs, nr, done, tail_mask)
+        _cl_columns(builder, C, args[2], args[3], [ma.data, aa.data, ba.data], body)
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def _vector_types(f32, f64):
+    """The explicit-vector kernels apply: AVX2 or better, C-contiguous float32 data and
+    float64 coefficient arrays."""
+
+    def arrays(ts, dtype):
+        return all(isinstance(t, types.Array) and t.dtype == dtype and t.layout == "C" for t in ts)
+
+    return HAS_SIMD_ROWS and arrays(f32, types.float32) and arrays(f64, types.float64)
 
 
 def cl_apply_vec(x2, y2, r0, r1, M, a, b):  # pragma: no cover - overloaded
@@ -1207,17 +1229,7 @@ def cl_apply_vec(x2, y2, r0, r1, M, a, b):  # pragma: no cover - overloaded
 def _ov_cl_apply_vec(x2, y2, r0, r1, M, a, b):
     """``_cl_apply_f32`` where it applies (float32 slabs, contiguous float64 coefficients,
     AVX2 or better): True when done, False for "take the general path"."""
-    ok = (
-        HAS_SIMD_ROWS
-        and all(
-            isinstance(t, types.Array) and t.dtype == types.float32 and t.layout == "C"
-            for t in (x2, y2)
-        )
-        and all(
-            isinstance(t, types.Array) and t.dtype == types.float64 and t.layout == "C"
-            for t in (M, a, b)
-        )
-    )
+    ok = _vector_types(f32=(x2, y2), f64=(M, a, b))
     if ok:
 
         def impl(x2, y2, r0, r1, M, a, b):
