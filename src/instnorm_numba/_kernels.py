@@ -678,8 +678,18 @@ def _short_block1(x, y, r0, r1, w, b, C, eps, mean_out, var_out):
 SIMD_ROW = 16
 
 
-#: the eight-row kernel is used (masked vector loads and stores are native with AVX2 and up)
+#: the explicit-vector kernels are used (masked vector loads and stores are native from AVX2)
 HAS_SIMD_ROWS = _target_features().get("avx2", False)
+
+
+def _vector_types(f32, f64):
+    """The explicit-vector kernels apply: AVX2 or better, C-contiguous float32 data and
+    float64 coefficient arrays."""
+
+    def arrays(ts, dtype):
+        return all(isinstance(t, types.Array) and t.dtype == dtype and t.layout == "C" for t in ts)
+
+    return HAS_SIMD_ROWS and arrays(f32, types.float32) and arrays(f64, types.float64)
 
 _I1 = ir.IntType(1)
 _I32 = ir.IntType(32)
@@ -846,19 +856,7 @@ def rows8(x, y, r0, ch0, w, b, eps, mean_out, var_out):  # pragma: no cover - ov
 def _ov_rows8(x, y, r0, ch0, w, b, eps, mean_out, var_out):
     """The eight-row kernel where it applies (float32 in and out, contiguous float64
     parameters, AVX2 or better); elsewhere 0, i.e. "take the general path"."""
-    ok = (
-        HAS_SIMD_ROWS
-        and isinstance(x, types.Array)
-        and x.dtype == types.float32
-        and isinstance(y, types.Array)
-        and y.dtype == types.float32
-        and x.layout == "C"
-        and y.layout == "C"
-        and all(
-            isinstance(t, types.Array) and t.dtype == types.float64 and t.layout == "C"
-            for t in (w, b, mean_out, var_out)
-        )
-    )
+    ok = _vector_types(f32=(x, y), f64=(w, b, mean_out, var_out))
     if ok:
         return lambda x, y, r0, ch0, w, b, eps, mean_out, var_out: _rows8_f32(
             x, y, r0, ch0, w, b, eps, mean_out, var_out
@@ -1209,16 +1207,6 @@ def _cl_apply_f32(typingctx, x2, y2, r0, r1, M, a, b):
         return context.get_dummy_value()
 
     return sig, codegen
-
-
-def _vector_types(f32, f64):
-    """The explicit-vector kernels apply: AVX2 or better, C-contiguous float32 data and
-    float64 coefficient arrays."""
-
-    def arrays(ts, dtype):
-        return all(isinstance(t, types.Array) and t.dtype == dtype and t.layout == "C" for t in ts)
-
-    return HAS_SIMD_ROWS and arrays(f32, types.float32) and arrays(f64, types.float64)
 
 
 def cl_apply_vec(x2, y2, r0, r1, M, a, b):  # pragma: no cover - overloaded
