@@ -4,7 +4,10 @@ every edge case of the engine issue."""
 from __future__ import annotations
 
 import math
+import os
 import pathlib
+import subprocess
+import sys
 import zlib
 
 import numba
@@ -499,3 +502,27 @@ def test_float16_rounding_on_both_sides_of_the_float32_apply(mean, bias, bound, 
     y = instance_norm(x, w, b)
     exact = ref.instance_norm(x, w, b, exact=True)
     assert ref.ulp_error(y, exact) <= bound + 1e-9
+
+
+def test_vector_kernels_fall_back_on_a_cpu_without_avx2(tmp_path):
+    # NUMBA_CPU_NAME=generic compiles for a CPU without AVX2: the eight-row and 16-channel
+    # vector kernels are not used, and the general loops give the same guarantee
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop("NUMBA_CPU_FEATURES", None)
+    code = """
+import numpy as np
+from instnorm_numba import _kernels as K, instance_norm, reference as ref
+assert not K.HAS_SIMD_ROWS
+rng = np.random.default_rng(0)
+for x, axis in [(rng.standard_normal((5, 7, 4, 4)), 1), (rng.standard_normal((2, 50, 37)), -1)]:
+    x = x.astype(np.float32)
+    err = ref.ulp_error(instance_norm(x, channel_axis=axis), ref.instance_norm(
+        x, channel_axis=axis, exact=True))
+    assert err <= 1.0, err
+print("ok")
+"""
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "ok"
