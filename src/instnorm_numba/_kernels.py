@@ -6,7 +6,9 @@ Layouts (made by ``_api``):
 * channels-last: ``x`` is ``(N, L, C)``, instance ``(n, c)`` is column ``c`` of slab ``n``.
 
 Element types: float32, float64, and float16 carried as its ``uint16`` bit pattern (Numba cannot
-load float16); every value is widened to float64 on load and rounded once on store.
+load float16); every value is widened to float64 on load and rounded once on store (float16
+with the CPU's F16C conversions where it has them, and normalized in float32 arithmetic when
+the shift and bias are small: see "float16 data" below).
 
 Accuracy scheme, per instance:
 
@@ -23,6 +25,12 @@ Accuracy scheme, per instance:
 Fast-math flags are chosen per function and LLVM keeps them per instruction after inlining: the
 block reductions may be reassociated (that is what lets them vectorize), while the shift, the
 merges and the compensation are strict.  ``fastmath=True`` is never used: it assumes no NaN/Inf.
+
+Two loops LLVM's vectorizer cannot vectorize well are written as vector IR through Numba
+intrinsics (float32, CPUs with AVX2 and up, chosen at import): rows of at most 16 elements,
+eight rows at a time (``_rows8_f32``), and the channels-last normalization, 16 channels at a
+time with their coefficients in registers (``_cl_columns``).  They do the same arithmetic as
+the loops they replace, and fall back to them elsewhere.
 """
 
 from __future__ import annotations
