@@ -108,3 +108,27 @@ def test_bench_summary_names_worst_cases_and_unreachable_targets():
     assert not any("torch/copy below" in line for line in lines)
     assert "backward/forward (target <= 2): 2.50 (near)" in lines
     assert "torch/ours, backward (target >= 3): 1.80 (far)" in lines
+
+
+def test_bench_times_each_implementation_in_its_own_blocks(monkeypatch):
+    from instnorm_numba import _bench
+
+    monkeypatch.setattr(_bench, "SETTLE", 0.0)
+    log = []
+    fns = {name: (lambda name=name: log.append(name)) for name in ("a", "b", "c")}
+    ms = _bench.time_blocks(fns, 3, budget=0.01)
+    assert set(ms) == {"a", "b", "c"} and all(v >= 0 for v in ms.values())
+    # two passes, the second reversed; each block: 2 warm-up calls, then 3 timed ones
+    blocks = [log[i : i + 5] for i in range(0, len(log), 5)]
+    assert [b[0] for b in blocks] == ["a", "b", "c", "c", "b", "a"]
+    assert all(len(set(b)) == 1 and len(b) == 5 for b in blocks)
+
+
+def test_bench_case_runs_and_checks_itself():
+    from instnorm_numba import _bench
+
+    case = _bench.Case("small", (2, 3, 8, 8))
+    (res,) = _bench.run_case(case, repeat=2, budget=0.01, threads=1, peers=False)[:1]
+    assert {"ours", "ours_alloc", "copy", "reference"} <= set(res.ms)
+    assert res.ratios["ours/copy"] > 0
+    assert res.max_error_eps <= 1.0
