@@ -814,10 +814,32 @@ def _rows8_f32(typingctx, x, y, r0, ch0, w, b, eps, mean_out, var_out):
             vals.append(v)
             idx = ir.Constant(_I32, i)
             kv = builder.insert_element(kv, k, idx)
-            wv = builder.insert_element(wv, builder.load(builder.gep(wa.data, [ch])), idx)
-            bv = builder.insert_element(bv, builder.load(builder.gep(ba.data, [ch])), idx)
-            ch = builder.add(ch, one)
-            ch = builder.select(builder.icmp_signed("==", ch, C), ir.Constant(_I64, 0), ch)
+        # weight and bias of the eight rows' channels: one vector load each when the channels
+        # run on without wrapping past C, else gathered one by one
+        contiguous = builder.icmp_signed("<=", builder.add(ch, ir.Constant(_I64, 8)), C)
+        vp = f64x8.as_pointer()
+        with builder.if_else(contiguous, likely=True) as (then, otherwise):
+            with then:
+                w_run, b_run = (
+                    builder.load(builder.bitcast(builder.gep(v.data, [ch]), vp), align=8)
+                    for v in (wa, ba)
+                )
+                run_block = builder.block
+            with otherwise:
+                for i in range(8):
+                    idx = ir.Constant(_I32, i)
+                    wv = builder.insert_element(wv, builder.load(builder.gep(wa.data, [ch])), idx)
+                    bv = builder.insert_element(bv, builder.load(builder.gep(ba.data, [ch])), idx)
+                    ch = builder.add(ch, one)
+                    ch = builder.select(builder.icmp_signed("==", ch, C), ir.Constant(_I64, 0), ch)
+                wrap_block = builder.block
+        w_phi = builder.phi(f64x8)
+        w_phi.add_incoming(w_run, run_block)
+        w_phi.add_incoming(wv, wrap_block)
+        b_phi = builder.phi(f64x8)
+        b_phi.add_incoming(b_run, run_block)
+        b_phi.add_incoming(bv, wrap_block)
+        wv, bv = w_phi, b_phi
         s1 = _transpose_sum8(builder, s1s)
         s2 = _transpose_sum8(builder, s2s)
         inv_l = _splat(builder, builder.fdiv(ir.Constant(_F64, 1.0), builder.sitofp(L, _F64)), 8)
