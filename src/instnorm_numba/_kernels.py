@@ -699,7 +699,6 @@ def _vector_types(f32, f64):
 
     return HAS_SIMD_ROWS and arrays(f32, types.float32) and arrays(f64, types.float64)
 
-_I1 = ir.IntType(1)
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _F64 = ir.DoubleType()
