@@ -685,7 +685,6 @@ def _short_block1(x, y, r0, r1, w, b, C, eps, mean_out, var_out):
 #: longest row the eight-row kernel takes (one 16-lane vector per row)
 SIMD_ROW = 16
 
-
 #: the explicit-vector kernels are used (masked vector loads and stores are native from AVX2)
 HAS_SIMD_ROWS = _target_features().get("avx2", False)
 
@@ -698,6 +697,7 @@ def _vector_types(f32, f64):
         return all(isinstance(t, types.Array) and t.dtype == dtype and t.layout == "C" for t in ts)
 
     return HAS_SIMD_ROWS and arrays(f32, types.float32) and arrays(f64, types.float64)
+
 
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
