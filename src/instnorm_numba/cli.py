@@ -33,6 +33,15 @@ def _cache_dir() -> str:
     return f"{where} [{state}]"
 
 
+def _cpu_kernels() -> str:
+    """Which CPU-dependent kernels this process compiles (chosen once, from Numba's target)."""
+    from instnorm_numba import _kernels as K
+
+    f16 = "F16C" if K.HAS_F16C else "integer (no F16C)"
+    vec = "on (AVX2)" if K.HAS_SIMD_ROWS else "off (no AVX2: the general loops)"
+    return f"float16 conversions {f16}; vector kernels {vec}"
+
+
 def info(args) -> int:
     import numba
     import numpy as np
@@ -49,6 +58,7 @@ def info(args) -> int:
         ("threads", str(numba.get_num_threads())),
         ("cache directory", _cache_dir()),
         ("cpu", f"{_cpu_name()} ({os.cpu_count()} logical cores)"),
+        ("cpu kernels", _cpu_kernels()),
         ("platform", platform.platform()),
     ]
     width = max(len(k) for k, _ in rows)
