@@ -494,13 +494,15 @@ def test_channels_last_float32_sixteen_channels_at_a_time(N, L, C):
     ],
 )
 @pytest.mark.parametrize("L", [12, 5000])
-def test_float16_rounding_on_both_sides_of_the_float32_apply(mean, bias, bound, L):
+@pytest.mark.parametrize("channel_axis", [1, -1])
+def test_float16_rounding_on_both_sides_of_the_float32_apply(mean, bias, bound, L, channel_axis):
     rng = np.random.default_rng(int(mean) + L)
-    x = (mean + rng.standard_normal((3, 4, L))).astype(np.float16)
+    shape = (3, 4, L) if channel_axis == 1 else (3, L, 4)
+    x = (mean + rng.standard_normal(shape)).astype(np.float16)
     w = rng.uniform(0.5, 2.0, 4)
     b = np.full(4, bias)
-    y = instance_norm(x, w, b)
-    exact = ref.instance_norm(x, w, b, exact=True)
+    y = instance_norm(x, w, b, channel_axis=channel_axis)
+    exact = ref.instance_norm(x, w, b, channel_axis=channel_axis, exact=True)
     assert ref.ulp_error(y, exact) <= bound + 1e-9
 
 

@@ -494,6 +494,19 @@ def half32_ok(M, a, b):
     return abs(M * a) <= HALF32_SHIFT and abs(b) <= HALF32_BIAS
 
 
+def affine_like(v, M, a, b, arr):  # pragma: no cover - replaced by the overload inside kernels
+    return (v - M) * a + b
+
+
+@overload(affine_like)
+def _ov_affine_like(v, M, a, b, arr):
+    """``(v - M) * a + b`` stored like ``arr``: in float32 for float16 data with float32
+    coefficients (``half32_ok`` said so), else in float64."""
+    if M == types.float32:
+        return lambda v, M, a, b, arr: f32_to_half((half_to_f32(v) - M) * a + b)
+    return lambda v, M, a, b, arr: cast_like((to64(v) - M) * a + b, arr)
+
+
 @kernel(fastmath=FM_APPLY)
 def _row_apply_h32(x, y, start, stop, M, a, b):
     """float16 ``y = (x - M) * a + b`` in float32 (M, a, b already float32)."""
@@ -1137,9 +1150,9 @@ def _slab_apply1(x2, y2, r0, r1, M, a, b):
     i0 = nfull * rows
     xf = xs[:i0].reshape(nfull * W)
     yf = ys[:i0].reshape(nfull * W)
-    mw = np.empty(W)
-    aw = np.empty(W)
-    bw = np.empty(W)
+    mw = np.empty(W, M.dtype)
+    aw = np.empty(W, M.dtype)
+    bw = np.empty(W, M.dtype)
     for i in range(rows):
         for c in range(C):
             mw[i * C + c] = M[c]
@@ -1149,12 +1162,12 @@ def _slab_apply1(x2, y2, r0, r1, M, a, b):
         xsub = xf[j * W : (j + 1) * W]
         ysub = yf[j * W : (j + 1) * W]
         for k in range(W):
-            ysub[k] = cast_like((to64(xsub[k]) - mw[k]) * aw[k] + bw[k], ysub)
+            ysub[k] = affine_like(xsub[k], mw[k], aw[k], bw[k], ysub)
     xr = xs[i0:]
     yr = ys[i0:]
     for i in range(xr.shape[0]):
         for c in range(C):
-            yr[i, c] = cast_like((to64(xr[i, c]) - M[c]) * a[c] + b[c], yr)
+            yr[i, c] = affine_like(xr[i, c], M[c], a[c], b[c], yr)
 
 
 def _load16(builder, ptr, mask, vt, align):
@@ -1265,10 +1278,23 @@ def slab_normalize(x2, y2, r0, r1, K, cm, a, b):
         C = x2.shape[1]
         M = np.empty(C)
         fold = True
+        h32 = half(x2)
         for c in range(C):
             M[c] = K[c] + cm[c]
             if not abs(M[c] * a[c]) <= FOLD_LIMIT:
                 fold = False
+            if not half32_ok(M[c], a[c], b[c]):
+                h32 = False
+        if h32:  # float16 in float32 arithmetic (see "float16 data" above)
+            M32 = np.empty(C, np.float32)
+            a32 = np.empty(C, np.float32)
+            b32 = np.empty(C, np.float32)
+            for c in range(C):
+                M32[c] = np.float32(M[c])
+                a32[c] = np.float32(a[c])
+                b32[c] = f64_to_f32_odd(b[c])
+            _slab_apply1(x2, y2, r0, r1, M32, a32, b32)
+            return
         if fold:
             # (few channels would fill a fraction of each 16-lane vector: swept flat instead)
             if C < CL_PERIODIC_C or not cl_apply_vec(x2, y2, r0, r1, M, a, b):
