@@ -140,8 +140,8 @@ def test_offset_mean_rounding_is_undone():
 
 
 @pytest.mark.parametrize(
-    "dtype, offset", [("float16", 0.0), ("float16", 1e3), ("float32", 0.0), ("float32", 1e3),
-                      ("float32", 3e5)]
+    "dtype, offset",
+    [("float16", 0.0), ("float16", 1e3), ("float32", 0.0), ("float32", 1e3), ("float32", 3e5)],
 )
 @pytest.mark.parametrize("channel_axis", [1, -1])
 def test_folded_and_exact_apply(dtype, offset, channel_axis):
@@ -687,7 +687,7 @@ def test_channels_last_float32_many_channels(N, L, C):
     # channels-last float32 dx swept flat over stretches of whole rows, C not a divisor of
     # the stretch; N = 1 splits the rows across threads
     r = rng(("cl16", N, L, C))
-    x = (r.standard_normal((N, L, C)) * r.uniform(0.1, 10, C) + r.uniform(-5, 5, C))
+    x = r.standard_normal((N, L, C)) * r.uniform(0.1, 10, C) + r.uniform(-5, 5, C)
     x = x.astype(np.float32)
     dy = r.standard_normal((N, L, C)).astype(np.float32)
     w = r.uniform(0.5, 2.0, C)

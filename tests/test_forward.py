@@ -355,7 +355,11 @@ def test_running_stats_update_matches_reference(channel_axis, dtype):
     erm, erv = rm.astype(np.float64), rv.astype(np.float64)
     y = instance_norm(x, running_mean=rm, running_var=rv, momentum=0.25, channel_axis=channel_axis)
     ey = ref.instance_norm(
-        x, running_mean=erm, running_var=erv, momentum=0.25, channel_axis=channel_axis,
+        x,
+        running_mean=erm,
+        running_var=erv,
+        momentum=0.25,
+        channel_axis=channel_axis,
         exact=True,
     )
     assert ref.ulp_error(y, ey) <= TOL_EPS[y.dtype]
@@ -374,12 +378,24 @@ def test_use_input_stats_false_uses_running_stats(channel_axis):
     rm0, rv0 = rm.copy(), rv.copy()
     w, b = np.array([1.0, -2.0, 0.5]), np.array([0.0, 1.0, -1.0])
     y, mean, rstd = instance_norm(
-        x, w, b, running_mean=rm, running_var=rv, use_input_stats=False,
-        channel_axis=channel_axis, return_stats=True,
+        x,
+        w,
+        b,
+        running_mean=rm,
+        running_var=rv,
+        use_input_stats=False,
+        channel_axis=channel_axis,
+        return_stats=True,
     )
     exact = ref.instance_norm(
-        x, w, b, running_mean=rm, running_var=rv, use_input_stats=False,
-        channel_axis=channel_axis, exact=True,
+        x,
+        w,
+        b,
+        running_mean=rm,
+        running_var=rv,
+        use_input_stats=False,
+        channel_axis=channel_axis,
+        exact=True,
     )
     assert ref.ulp_error(y, exact) <= 1.0
     np.testing.assert_array_equal(rm, rm0)
@@ -425,8 +441,13 @@ def test_torch_golden(name):
     rm = g["running_mean"].copy() if "running_mean" in g else None
     rv = g["running_var"].copy() if "running_var" in g else None
     y = instance_norm(
-        x, g.get("weight"), g.get("bias"), running_mean=rm, running_var=rv,
-        use_input_stats=mode != "eval", **kw,
+        x,
+        g.get("weight"),
+        g.get("bias"),
+        running_mean=rm,
+        running_var=rv,
+        use_input_stats=mode != "eval",
+        **kw,
     )
     # torch accumulates in the input dtype: its float32 results carry float32 rounding of the
     # statistics, ours are correctly rounded.  Allow a few float32 eps relative to max(1, |y|).
@@ -470,7 +491,7 @@ def test_channels_last_float32_sixteen_channels_at_a_time(N, L, C):
     # channels-last float32 applies 16 channels at a time down blocks of rows (AVX2 and up);
     # C not a multiple of 16 leaves a masked tail, L not a multiple of the block a short block
     rng = np.random.default_rng(N * 100000 + L * 1000 + C)
-    x = (rng.standard_normal((N, L, C)) * rng.uniform(0.1, 10, C) + rng.uniform(-5, 5, C))
+    x = rng.standard_normal((N, L, C)) * rng.uniform(0.1, 10, C) + rng.uniform(-5, 5, C)
     x = x.astype(np.float32)
     w = rng.uniform(0.5, 2.0, C)
     b = rng.standard_normal(C)

@@ -30,7 +30,9 @@ Two loops LLVM's vectorizer cannot vectorize well are written as vector IR throu
 intrinsics (float32, CPUs with AVX2 and up, chosen at import): rows of at most 16 elements,
 eight rows at a time (``_rows8_f32``), and the channels-last normalization, 16 channels at a
 time with their coefficients in registers (``_cl_columns``).  They do the same arithmetic as
-the loops they replace, and fall back to them elsewhere.
+the loops they replace, and fall back to them elsewhere.  They stay in this file because
+Numba's cache is keyed to the file of the kernel: a kernel cached from here would not notice a
+change to an intrinsic imported from another module.
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ BLOCK = 1024
 CL_BLOCK_ELEMS = 4096
 CL_MAX_ROWS = 128
 CL_MIN_ROWS = 16
-
 
 
 # --------------------------------------------------------------------------------------------
