@@ -137,8 +137,11 @@ def ort_session(case: str, dtype: str, layout: str):
     except ImportError:
         raise NotImplementedError("onnxruntime/onnx are not installed") from None
     x, w, b, _, _ = data(case, dtype, layout)
-    elem = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT,
-            "float64": TensorProto.DOUBLE}[dtype]
+    elem = {
+        "float16": TensorProto.FLOAT16,
+        "float32": TensorProto.FLOAT,
+        "float64": TensorProto.DOUBLE,
+    }[dtype]
     nd = x.ndim
     nodes, src, dst = [], "x", "y"
     if layout == "channels_last":
@@ -167,8 +170,9 @@ def ort_session(case: str, dtype: str, layout: str):
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), so,
-                                    providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(
+            model.SerializeToString(), so, providers=["CPUExecutionProvider"]
+        )
         sess.run(None, {"x": x})
     except Exception as exc:  # onnxruntime's own exception types: no kernel for this dtype
         raise NotImplementedError(f"onnxruntime cannot run this case: {exc}") from None

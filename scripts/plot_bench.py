@@ -38,7 +38,10 @@ def plot(data: dict, path: str) -> None:
     y = np.arange(len(results))
 
     fig, (ax1, ax2) = plt.subplots(
-        1, 2, figsize=(13, 0.55 * len(results) + 2.2), sharey=True,
+        1,
+        2,
+        figsize=(13, 0.55 * len(results) + 2.2),
+        sharey=True,
         gridspec_kw={"width_ratios": [1, 1.4]},
     )
     copy = [r["ratios"].get("ours/copy", np.nan) for r in results]

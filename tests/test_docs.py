@@ -17,8 +17,12 @@ FLAGS = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
 
 def test_readme_examples():
     result = doctest.testfile(
-        str(ROOT / "README.md"), module_relative=False, optionflags=FLAGS, globs={"np": np},
-        verbose=False, report=True,
+        str(ROOT / "README.md"),
+        module_relative=False,
+        optionflags=FLAGS,
+        globs={"np": np},
+        verbose=False,
+        report=True,
     )
     assert result.attempted > 0
     assert result.failed == 0

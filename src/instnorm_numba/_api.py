@@ -43,9 +43,7 @@ def result_dtype(dtype: np.dtype, name: str = "x") -> np.dtype:
         )
     if dtype.kind in "iub":
         return np.dtype(np.float64)
-    raise TypeError(
-        f"{name} must have a real floating, integer or bool dtype; got dtype {dtype}"
-    )
+    raise TypeError(f"{name} must have a real floating, integer or bool dtype; got dtype {dtype}")
 
 
 def as_array(v, name: str, what: str = "an array_like of real numbers") -> np.ndarray:

@@ -198,8 +198,11 @@ def ort_forward(case: Case, x, weight, bias, threads: int):
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         return None, "not installed"
-    elem = {np.float32: TensorProto.FLOAT, np.float64: TensorProto.DOUBLE,
-            np.float16: TensorProto.FLOAT16}[x.dtype.type]
+    elem = {
+        np.float32: TensorProto.FLOAT,
+        np.float64: TensorProto.DOUBLE,
+        np.float16: TensorProto.FLOAT16,
+    }[x.dtype.type]
     nd = x.ndim
     inits = [
         numpy_helper.from_array(weight.astype(x.dtype), "scale"),
@@ -238,7 +241,7 @@ def ort_forward(case: Case, x, weight, bias, threads: int):
         sess.run(None, feed)
     except Exception as exc:  # onnxruntime raises its own exception types
         msg = str(exc).splitlines()[0]
-        return None, "unsupported: " + (msg[msg.find("Could not find"):] or msg)[:60]
+        return None, "unsupported: " + (msg[msg.find("Could not find") :] or msg)[:60]
 
     def run():
         return sess.run(None, feed)
@@ -385,8 +388,17 @@ def run_case(case: Case, *, repeat, budget, threads, peers=True, check=True) -> 
     backward = _backward_fn()
     if backward is not None and case.name in BACKWARD_CASES:
         results.append(
-            run_backward(case, backward, x, weight, repeat=repeat, budget=budget,
-                         threads=threads, peers=peers, check=check)
+            run_backward(
+                case,
+                backward,
+                x,
+                weight,
+                repeat=repeat,
+                budget=budget,
+                threads=threads,
+                peers=peers,
+                check=check,
+            )
         )
     return results
 
@@ -532,12 +544,17 @@ def summary(results: list, llc_bytes: int = 32 << 20) -> list:
 
     big = [r for r in fwd if r.mb * 1e6 > llc_bytes]
     checks = [
-        ("ours/copy, cases larger than the LLC (target <= 1.3)", worst(big, "ours/copy"),
-         "ours/copy"),
+        (
+            "ours/copy, cases larger than the LLC (target <= 1.3)",
+            worst(big, "ours/copy"),
+            "ours/copy",
+        ),
         ("ours/copy, every case (target <= 2)", worst(fwd, "ours/copy"), "ours/copy"),
-        ("ORT/ours, float32 cases (target >= 2)",
-         worst([r for r in fwd if r.dtype == "float32"], "onnxruntime/ours", False),
-         "onnxruntime/ours"),
+        (
+            "ORT/ours, float32 cases (target >= 2)",
+            worst([r for r in fwd if r.dtype == "float32"], "onnxruntime/ours", False),
+            "onnxruntime/ours",
+        ),
         ("torch/ours, every case (target >= 4)", worst(fwd, "torch/ours", False), "torch/ours"),
     ]
     for label, r, key in checks:
@@ -608,8 +625,11 @@ def main(args) -> int:
                 notes = "; ".join(f"{k}: {v}" for k, v in r.notes.items())
                 print(
                     f"  {r.case:<16} {r.direction:<8} ours {r.ms['ours']:8.3f} ms"
-                    + (f"  ours/copy {r.ratios['ours/copy']:.2f}" if "ours/copy" in r.ratios
-                       else "")
+                    + (
+                        f"  ours/copy {r.ratios['ours/copy']:.2f}"
+                        if "ours/copy" in r.ratios
+                        else ""
+                    )
                     + f"  err {_fmt(r.max_error_eps)} eps"
                     + (f"  [{notes}]" if notes else ""),
                     flush=True,
@@ -627,14 +647,19 @@ def main(args) -> int:
     if json_path:
         with open(json_path, "w") as f:
             json.dump(
-                {"machine": info, "results": [asdict(r) for r in results],
-                 "summary": summary(results)},
+                {
+                    "machine": info,
+                    "results": [asdict(r) for r in results],
+                    "summary": summary(results),
+                },
                 f,
                 indent=1,
             )
         print(f"wrote {json_path}")
     if bad:
-        print("ACCURACY FAILURE: " + ", ".join(f"{r.case} ({r.max_error_eps:.2f} eps)"
-                                               for r in bad), file=sys.stderr)
+        print(
+            "ACCURACY FAILURE: " + ", ".join(f"{r.case} ({r.max_error_eps:.2f} eps)" for r in bad),
+            file=sys.stderr,
+        )
         return 1
     return 0
