@@ -457,12 +457,26 @@ def row_stats(x, start, stop, K):
     return row_moments1(x, start, stop, K)
 
 
+def affine_like(v, M, a, b, arr):  # pragma: no cover - replaced by the overload inside kernels
+    return (v - M) * a + b
+
+
+@overload(affine_like)
+def _ov_affine_like(v, M, a, b, arr):
+    """``(v - M) * a + b`` stored like ``arr``: in float32 for float16 data with float32
+    coefficients (``half32_ok`` said so), else in float64."""
+    if M == types.float32 and isinstance(v, types.Integer):
+        return lambda v, M, a, b, arr: f32_to_half((half_to_f32(v) - M) * a + b)
+    return lambda v, M, a, b, arr: cast_like((to64(v) - M) * a + b, arr)
+
+
 @kernel(fastmath=FM_APPLY)
 def _row_apply1(x, y, start, stop, M, a, b):
+    """``y = (x - M) * a + b``: float64 coefficients, or float32 ones for float16 data."""
     xs = x[start:stop]
     ys = y[start:stop]
     for i in range(xs.shape[0]):
-        ys[i] = cast_like((to64(xs[i]) - M) * a + b, ys)
+        ys[i] = affine_like(xs[i], M, a, b, ys)
 
 
 # float16 data: float32 arithmetic is enough for the normalization itself when the shift and
@@ -495,35 +509,13 @@ def half32_ok(M, a, b):
     return abs(M * a) <= HALF32_SHIFT and abs(b) <= HALF32_BIAS
 
 
-def affine_like(v, M, a, b, arr):  # pragma: no cover - replaced by the overload inside kernels
-    return (v - M) * a + b
-
-
-@overload(affine_like)
-def _ov_affine_like(v, M, a, b, arr):
-    """``(v - M) * a + b`` stored like ``arr``: in float32 for float16 data with float32
-    coefficients (``half32_ok`` said so), else in float64."""
-    if M == types.float32:
-        return lambda v, M, a, b, arr: f32_to_half((half_to_f32(v) - M) * a + b)
-    return lambda v, M, a, b, arr: cast_like((to64(v) - M) * a + b, arr)
-
-
-@kernel(fastmath=FM_APPLY)
-def _row_apply_h32(x, y, start, stop, M, a, b):
-    """float16 ``y = (x - M) * a + b`` in float32 (M, a, b already float32)."""
-    xs = x[start:stop]
-    ys = y[start:stop]
-    for i in range(xs.shape[0]):
-        ys[i] = f32_to_half((half_to_f32(xs[i]) - M) * a + b)
-
-
 @kernel(fastmath=FM_STRICT)
 def row_normalize(x, y, start, stop, K, c, a, b):
     """``y = ((x - K) - c) * a + b``, with one subtraction when the dtype leaves room."""
     if not wide(x):
         M = K + c
         if half(x) and half32_ok(M, a, b):
-            _row_apply_h32(x, y, start, stop, np.float32(M), np.float32(a), f64_to_f32_odd(b))
+            _row_apply1(x, y, start, stop, np.float32(M), np.float32(a), f64_to_f32_odd(b))
             return
         if abs(M * a) <= FOLD_LIMIT:
             _row_apply1(x, y, start, stop, M, a, b)
@@ -632,13 +624,7 @@ def _short_m2(x, r, K, c):
 @kernel(fastmath=FM_APPLY)
 def _short_apply1(x, y, r, M, a, b):
     for i in range(x.shape[1]):
-        y[r, i] = cast_like((to64(x[r, i]) - M) * a + b, y)
-
-
-@kernel(fastmath=FM_APPLY)
-def _short_apply_h32(x, y, r, M, a, b):
-    for i in range(x.shape[1]):
-        y[r, i] = f32_to_half((half_to_f32(x[r, i]) - M) * a + b)
+        y[r, i] = affine_like(x[r, i], M, a, b, y)
 
 
 @kernel(fastmath=FM_APPLY)
@@ -671,7 +657,7 @@ def _short_block1(x, y, r0, r1, w, b, C, eps, mean_out, var_out):
         a = w[ch] / np.sqrt(var_out[r] + eps)
         if abs(M * a) <= FOLD_LIMIT:
             if half(x) and half32_ok(M, a, b[ch]):
-                _short_apply_h32(x, y, r, np.float32(M), np.float32(a), f64_to_f32_odd(b[ch]))
+                _short_apply1(x, y, r, np.float32(M), np.float32(a), f64_to_f32_odd(b[ch]))
             else:
                 _short_apply1(x, y, r, M, a, b[ch])
         else:  # far from zero: the exact form needs K and c apart (recomputed, same values)
@@ -913,7 +899,7 @@ def simd_rows(x, y):  # pragma: no cover - overloaded
 
 @overload(simd_rows, inline="always")
 def _ov_simd_rows(x, y):
-    take = HAS_SIMD_ROWS and x.dtype == types.float32 and y.dtype == types.float32
+    take = _vector_types(f32=(x, y), f64=())
     return (lambda x, y: True) if take else (lambda x, y: False)
 
 
