@@ -68,9 +68,6 @@ from __future__ import annotations
 
 from .elements import FOLD_LIMIT as FOLD_LIMIT
 from .elements import HAS_F16C as HAS_F16C
-from .elements import _target_has_f16c as _target_has_f16c
-from .elements import f64_to_half as f64_to_half
-from .elements import half_to_f64 as half_to_f64
 from .moments import bwd_finish, merge_partials
 from .rows import SHORT_ROW as SHORT_ROW
 from .rows import cf_apply, cf_fused, cf_partial, cf_short
@@ -80,8 +77,8 @@ from .slabs import cl_apply, cl_fused, cl_partial
 from .slabs_backward import cl_bwd_apply, cl_bwd_fused, cl_bwd_partial
 from .vector import HAS_SIMD_ROWS as HAS_SIMD_ROWS
 
-# (re-exported with ``as``: SHORT_ROW for ``_api``; HAS_F16C, HAS_SIMD_ROWS for ``info``; the
-# float16 conversions, FOLD_LIMIT and BWD_FOLD_MIN for the tests)
+# (re-exported with ``as``: SHORT_ROW for ``_api``; HAS_F16C, HAS_SIMD_ROWS for ``info``;
+# FOLD_LIMIT and BWD_FOLD_MIN for the tests)
 
 #: the entry kernels ``_api`` calls
 __all__ = [
