@@ -23,7 +23,7 @@ PKG = pathlib.Path(instnorm_numba.__file__).parent
 KERNEL_MODULES = sorted((PKG / "_kernels").glob("*.py"))
 
 # a kernel module of the copied package: calls a helper of another module (elements._sub)
-PROBE = '''
+PROBE = """
 from .._jit import FM_STRICT, kernel
 from .elements import _sub
 
@@ -31,7 +31,7 @@ from .elements import _sub
 @kernel(fastmath=FM_STRICT)
 def probe(a, b):
     return _sub(a, b) / b
-'''
+"""
 
 RUN = """
 import json

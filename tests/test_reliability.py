@@ -497,10 +497,10 @@ def test_read_only_install_imports_and_computes_with_one_warning(tmp_path):
     (probe / "probe.py").write_text("def f(a):\n    return a + 1\n")
     # __pycache__ as a regular file: Numba's in-tree cache cannot be created even by root;
     # and read-only permissions on top, for the non-root case
-    for d in (pkg, probe):
+    for d in (pkg, pkg / "_kernels", probe):
         (d / "__pycache__").write_text("")
     blocker = _make_unwritable(tmp_path)
-    for d in (pkg, probe):
+    for d in (pkg, pkg / "_kernels", probe):
         for p in [d, *d.rglob("*")]:
             p.chmod(0o555 if p.is_dir() else 0o444)
     try:
@@ -514,7 +514,7 @@ def test_read_only_install_imports_and_computes_with_one_warning(tmp_path):
         }
         res = result_of(run_python(READ_ONLY_SCRIPT, env=env, cwd=tmp_path))
     finally:
-        for d in (pkg, probe):
+        for d in (pkg, pkg / "_kernels", probe):
             for p in [d, *d.rglob("*")]:
                 p.chmod(0o755 if p.is_dir() else 0o644)
     assert res["numba_refuses"], "the setup did not make Numba's cache unusable"

@@ -20,6 +20,7 @@ The modules, one family each (read them in this order; ``vector`` may be skipped
 ``rows_backward``  channels-first backward
 ``slabs``          channels-last forward, and the slab helpers the backward shares
 ``slabs_backward`` channels-last backward
+``roofline``       the parallel copy the benchmarks time as the speed limit
 =================  ===========================================================================
 
 Which path runs (NB: the one table; ``_api.layout_plan`` computes ``parallel`` and ``nchunks``
@@ -69,6 +70,7 @@ from __future__ import annotations
 from .elements import FOLD_LIMIT as FOLD_LIMIT
 from .elements import HAS_F16C as HAS_F16C
 from .moments import bwd_finish, merge_partials
+from .roofline import copy_chunks
 from .rows import SHORT_ROW as SHORT_ROW
 from .rows import cf_apply, cf_fused, cf_partial, cf_short
 from .rows_backward import BWD_FOLD_MIN as BWD_FOLD_MIN
@@ -97,4 +99,5 @@ __all__ = [
     "cl_bwd_partial",
     "cl_bwd_apply",
     "bwd_finish",
+    "copy_chunks",
 ]
