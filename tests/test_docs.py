@@ -35,6 +35,7 @@ def test_readme_examples():
         "instnorm_numba.layers",
         "instnorm_numba.reference",
         "instnorm_numba.benchmark",
+        "instnorm_numba._pool",
     ],
 )
 def test_docstring_examples(module):
