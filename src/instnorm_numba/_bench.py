@@ -85,19 +85,23 @@ def time_blocks(fns: dict, repeat: int | None, budget: float) -> dict:
 # checking
 
 
-def _check_subset(case: Case, x, weight, bias):
+def _check_subset(case: Case, x):
     """Channel indices checked against the reference: all, or as many as fit the budget."""
     per_channel = x.size // case.C
     k = max(1, min(case.C, CHECK_ELEMENTS // max(per_channel, 1)))
     return np.linspace(0, case.C - 1, k).round().astype(int) if k < case.C else slice(None)
 
 
-def max_error(case: Case, x, weight, bias, y) -> float:
-    sel = _check_subset(case, x, weight, bias)
-    ax = case.channel_axis % x.ndim
+def _checked(case: Case, x):
+    """(channel selection, index into x) of the instances checked against the reference."""
+    sel = _check_subset(case, x)
     idx = [slice(None)] * x.ndim
-    idx[ax] = sel
-    idx = tuple(idx)
+    idx[case.channel_axis % x.ndim] = sel
+    return sel, tuple(idx)
+
+
+def max_error(case: Case, x, weight, bias, y) -> float:
+    sel, idx = _checked(case, x)
     exact = reference.instance_norm(
         x[idx], weight[sel], bias[sel], channel_axis=case.channel_axis, exact=True
     )
@@ -105,11 +109,7 @@ def max_error(case: Case, x, weight, bias, y) -> float:
 
 
 def max_error_backward(case: Case, x, weight, dy, grads) -> float:
-    sel = _check_subset(case, x, weight, None)
-    ax = case.channel_axis % x.ndim
-    idx = [slice(None)] * x.ndim
-    idx[ax] = sel
-    idx = tuple(idx)
+    sel, idx = _checked(case, x)
     dx, _, _ = reference.instance_norm_backward(
         dy[idx], x[idx], weight[sel], channel_axis=case.channel_axis, exact=True
     )
@@ -174,7 +174,7 @@ def run_case(case: Case, *, repeat, budget, threads, peers=True, check=True) -> 
     res.gbps = 2 * x.nbytes / (res.ms["ours"] * 1e-3) / 1e9
     if check:
         res.max_error_eps = max_error(case, x, weight, bias, out)
-        sel = _check_subset(case, x, weight, bias)
+        sel = _check_subset(case, x)
         res.checked_fraction = 1.0 if isinstance(sel, slice) else len(sel) / case.C
     _ratios(res)
     results = [res]

@@ -70,9 +70,8 @@ def _slab_block_twopass(x2, b, e, K, mb, m2b, sd):
     C = x2.shape[1]
     xs = x2[b:e]
     nb = xs.shape[0]
-    for c in range(C):
-        mb[c] = 0.0
-        m2b[c] = 0.0
+    mb[:] = 0.0
+    m2b[:] = 0.0
     for i in range(nb):
         for c in range(C):
             mb[c] += _sub(to64(xs[i, c]), K[c])
@@ -157,9 +156,8 @@ def _slab_block_onepass(x2, b, e, K, mb, m2b):
     C = x2.shape[1]
     xs = x2[b:e]
     nb = xs.shape[0]
-    for c in range(C):
-        mb[c] = 0.0
-        m2b[c] = 0.0
+    mb[:] = 0.0
+    m2b[:] = 0.0
     nfull = periodic_stretches(nb, C)
     if nfull > 0:  # few channels: periodic flat stretches
         W = CL_PERIODIC_ROWS * C
