@@ -1,0 +1,462 @@
+"""Threads and processes: concurrent callers, fork after a kernel ran, every threading layer
+(each in its own process), the caller's thread count, and a host program's own OpenMP pool.
+
+Anything that could take a process down (fork, workqueue) runs in a subprocess with a
+timeout (``conftest.run_python``), so a crash fails one test instead of killing the run.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+import pytest
+from conftest import SUBPROCESS_TIMEOUT, result_of, run_python
+
+import instnorm_numba
+from instnorm_numba import _jit
+from instnorm_numba import _kernels as K
+from instnorm_numba import reference as ref
+
+PUBLIC = set(instnorm_numba.__all__) - {"__version__"}
+HAVE_BACKWARD = "instance_norm_backward" in PUBLIC
+HAVE_LAYERS = "InstanceNorm2d" in PUBLIC
+
+
+def _have_pip_tbb() -> bool:
+    return _jit._libtbb_path() is not None
+
+
+# The workloads every concurrency test runs: each public function on inputs large enough for
+# the parallel kernels (>= 2**16 elements), each call on its own arrays.  Shared verbatim by the
+# in-process tests and the subprocess scripts.
+WORKLOADS_SRC = r"""
+import numpy as np
+import instnorm_numba as inn
+
+def _data(seed, shape, dtype):
+    return (np.random.default_rng(seed).standard_normal(shape) * 3 + 1).astype(dtype)
+
+def w_cf_f32(seed):
+    return (inn.instance_norm(_data(seed, (2, 8, 64, 64), np.float32)),)
+
+def w_split_f32(seed):  # few long instances: split across threads
+    x = _data(seed, (1, 2, 128, 512), np.float32)
+    return inn.instance_norm(x, np.arange(1.0, 3.0), np.ones(2), return_stats=True)
+
+def w_cl_f64(seed):
+    return (inn.instance_norm(_data(seed, (4, 32, 32, 16), np.float64), channel_axis=-1),)
+
+def w_f16_out(seed):
+    x = _data(seed, (2, 4, 96, 96), np.float16)
+    out = np.empty_like(x)
+    return (inn.instance_norm(x, out=out), out)
+
+def w_running(seed):
+    x = _data(seed, (4, 4, 64, 64), np.float64)
+    rm, rv = np.zeros(4), np.ones(4)
+    y = inn.instance_norm(x, running_mean=rm, running_var=rv, momentum=0.3)
+    return y, rm, rv
+
+def w_eval(seed):
+    x = _data(seed, (4, 4, 64, 64), np.float32)
+    return (inn.instance_norm(x, running_mean=np.full(4, 0.5), running_var=np.full(4, 2.0),
+                              use_input_stats=False),)
+
+WORKLOADS = [w_cf_f32, w_split_f32, w_cl_f64, w_f16_out, w_running, w_eval]
+
+if hasattr(inn, "instance_norm_backward"):
+    def w_backward(seed):
+        x = _data(seed, (2, 8, 64, 64), np.float32)
+        dy = _data(seed + 1, x.shape, np.float32)
+        w = np.linspace(0.5, 2.0, 8)
+        _, mean, rstd = inn.instance_norm(x, w, return_stats=True)
+        return inn.instance_norm_backward(dy, x, mean, rstd, w)
+
+    def w_backward_cl(seed):
+        x = _data(seed, (2, 64, 64, 8), np.float64)
+        dy = _data(seed + 1, x.shape, np.float64)
+        _, mean, rstd = inn.instance_norm(x, channel_axis=-1, return_stats=True)
+        return inn.instance_norm_backward(dy, x, mean, rstd, channel_axis=-1)
+
+    WORKLOADS += [w_backward, w_backward_cl]
+
+if hasattr(inn, "InstanceNorm2d"):
+    def w_layer(seed):
+        layer = inn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+        x = _data(seed, (2, 8, 64, 64), np.float32)
+        y = layer(x)
+        res = [y, np.asarray(layer.running_mean), np.asarray(layer.running_var)]
+        if hasattr(layer, "backward"):
+            res.append(layer.backward(_data(seed + 1, x.shape, np.float32)))
+            res += [layer.grad_weight, layer.grad_bias]
+        layer.eval()
+        res.append(layer(x))
+        return tuple(np.asarray(r) if not isinstance(r, tuple) else r for r in res)
+
+    WORKLOADS += [w_layer]
+
+def flatten(res):
+    out = []
+    for r in res:
+        if isinstance(r, tuple):
+            out.extend(flatten(r))
+        else:
+            out.append(np.asarray(r))
+    return out
+
+def same(a, b):
+    a, b = flatten(a), flatten(b)
+    return len(a) == len(b) and all(
+        x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y, equal_nan=True)
+        for x, y in zip(a, b)
+    )
+"""
+
+_workloads = {}
+exec(compile(WORKLOADS_SRC, "<reliability workloads>", "exec"), _workloads)
+
+
+def run_concurrently(workloads, same, nthreads=8, reps=4):
+    """``nthreads`` threads, each calling its workload ``reps`` times on its own arrays, all
+    released at once; returns the names of the (thread, workload) pairs that disagreed with
+    the serial result, and any exceptions."""
+    serial = {i: workloads[i % len(workloads)](100 + i) for i in range(nthreads)}
+    bad, errors = [], []
+    barrier = threading.Barrier(nthreads)
+
+    def work(i):
+        fn = workloads[i % len(workloads)]
+        try:
+            barrier.wait()
+            for _ in range(reps):
+                if not same(fn(100 + i), serial[i]):
+                    bad.append(f"thread {i}: {fn.__name__}")
+                    return
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(f"thread {i}: {fn.__name__}: {exc!r}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(nthreads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=SUBPROCESS_TIMEOUT)
+    hung = [t.name for t in threads if t.is_alive()]
+    return bad, errors, hung
+
+
+def test_workloads_cover_every_public_function():
+    names = " ".join(f.__name__ for f in _workloads["WORKLOADS"])
+    assert "cf" in names
+    if HAVE_BACKWARD:
+        assert "backward" in names
+    if HAVE_LAYERS:
+        assert "layer" in names
+
+
+# ----------------------------------------------------------------------------------------------
+# threads, in this process, under the default layer
+
+
+def test_threads_match_serial_under_default_layer():
+    nthreads = max(8, len(_workloads["WORKLOADS"]))
+    bad, errors, hung = run_concurrently(_workloads["WORKLOADS"], _workloads["same"], nthreads)
+    assert not hung and not errors and not bad, (hung, errors, bad)
+    assert _jit.threading_layer() in ("tbb", "omp", "workqueue")
+
+
+# test_info_shows_the_threading_layer: in test_cli.py
+
+
+# ----------------------------------------------------------------------------------------------
+# each layer in its own process: threads, fork after a kernel ran, thread counts
+
+LAYER_SCRIPT = (
+    WORKLOADS_SRC
+    + r"""
+import json, multiprocessing as mp, os, sys, threading
+import numba
+from instnorm_numba import _jit, _kernels as K
+
+# count which twin of every parallel kernel runs
+COUNTS = {"parallel": 0, "serial": 0}
+def _spy(kind, fn):
+    def call(*args):
+        COUNTS[kind] += 1
+        return fn(*args)
+    return call
+for pk in vars(K).values():
+    if isinstance(pk, _jit.ParallelKernel):
+        pk.parallel, pk.serial = _spy("parallel", pk.parallel), _spy("serial", pk.serial)
+
+result = {"layer": _jit.threading_layer(), "requested": os.environ.get("NUMBA_THREADING_LAYER")}
+assert numba.get_num_threads() == 2
+
+serial = [fn(7) for fn in WORKLOADS]
+result["parent_parallel_calls"] = COUNTS["parallel"]
+assert COUNTS["parallel"] > 0, COUNTS  # the parent really ran parallel kernels before forking
+
+# 8+ threads at once, each on its own arrays
+nthreads = max(8, len(WORKLOADS))
+refs = {i: WORKLOADS[i % len(WORKLOADS)](20 + i) for i in range(nthreads)}
+bad = []
+barrier = threading.Barrier(nthreads)
+def work(i):
+    barrier.wait()
+    for _ in range(4):
+        if not same(WORKLOADS[i % len(WORKLOADS)](20 + i), refs[i]):
+            bad.append(i)
+            return
+ts = [threading.Thread(target=work, args=(i,)) for i in range(nthreads)]
+for t in ts: t.start()
+for t in ts: t.join()
+result["threads_bad"] = bad
+
+# fork after the parent ran kernels (the default start method on Linux before 3.14)
+def child(q):
+    COUNTS["parallel"] = COUNTS["serial"] = 0
+    ok = all(same(fn(7), s) for fn, s in zip(WORKLOADS, serial))
+    q.put({"ok": ok, "counts": dict(COUNTS), "info": _jit.describe()})
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,))
+p.start()
+p.join(300)
+result["fork_exitcode"] = p.exitcode
+result["fork"] = q.get(timeout=10) if p.exitcode == 0 else None
+
+# the caller's thread count is honoured and never changed
+numba.set_num_threads(1)
+COUNTS["parallel"] = COUNTS["serial"] = 0
+same(WORKLOADS[0](7), serial[0]) or bad.append("k=1")
+result["k1_counts"] = dict(COUNTS)
+result["k1_after"] = numba.get_num_threads()
+numba.set_num_threads(2)
+COUNTS["parallel"] = COUNTS["serial"] = 0
+WORKLOADS[0](7)
+result["k2_counts"] = dict(COUNTS)
+result["k2_after"] = numba.get_num_threads()
+seen = []
+def other():
+    numba.set_num_threads(1)
+    WORKLOADS[0](8)
+    seen.append(numba.get_num_threads())
+t = threading.Thread(target=other); t.start(); t.join()
+result["other_thread"] = seen
+result["main_after_other"] = numba.get_num_threads()
+print("RESULT " + json.dumps(result))
+"""
+)
+
+LAYERS = [
+    pytest.param(None, id="default"),
+    pytest.param("omp", id="omp"),
+    pytest.param("workqueue", id="workqueue"),
+    pytest.param(
+        "tbb",
+        id="tbb",
+        marks=pytest.mark.skipif(not _have_pip_tbb(), reason="the tbb package is not installed"),
+    ),
+]
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_threads_fork_and_thread_count_per_layer(layer):
+    env = {"NUMBA_THREADING_LAYER": layer} if layer else {}
+    res = result_of(run_python(LAYER_SCRIPT, env=env))
+    if layer:
+        assert res["layer"] == layer
+    elif _have_pip_tbb():
+        assert res["layer"] == "tbb"  # pip's libtbb was loaded, so Numba picked tbb
+    else:
+        assert res["layer"] in ("omp", "workqueue")
+    assert res["threads_bad"] == []
+    # the forked child survived and computed the parent's results exactly
+    assert res["fork_exitcode"] == 0, res
+    assert res["fork"]["ok"], res
+    if res["layer"] == "omp":  # GNU OpenMP cannot be used after fork: serial twins only
+        assert res["fork"]["counts"]["parallel"] == 0 and res["fork"]["counts"]["serial"] > 0
+        assert "serial in this process" in res["fork"]["info"]
+    else:  # tbb and workqueue survive fork: the child stays parallel
+        assert res["fork"]["counts"]["parallel"] > 0
+    # numba.set_num_threads(k) honoured, never changed
+    assert res["k1_counts"]["parallel"] == 0 and res["k1_counts"]["serial"] > 0
+    assert res["k1_after"] == 1
+    assert res["k2_counts"]["parallel"] > 0 and res["k2_after"] == 2
+    assert res["other_thread"] == [1] and res["main_after_other"] == 2
+
+
+FORK_CONTROL = r"""
+import json, multiprocessing as mp
+import numpy as np
+import instnorm_numba as inn
+from instnorm_numba import _jit
+
+x = np.random.default_rng(0).standard_normal((4, 8, 64, 64))
+y = inn.instance_norm(x)
+assert _jit.threading_layer() == "omp"
+
+def child(disable_guard):
+    if disable_guard:
+        _jit._forked_unsafe = False  # what the library did before the fork guard
+    ok = np.array_equal(inn.instance_norm(x), y)
+    raise SystemExit(0 if ok else 3)
+
+codes = {}
+for disable in (False, True):
+    p = mp.get_context("fork").Process(target=child, args=(disable,))
+    p.start()
+    p.join(300)
+    codes[str(disable)] = p.exitcode
+print("RESULT " + json.dumps(codes))
+"""
+
+
+def test_fork_guard_is_what_keeps_an_openmp_child_alive():
+    """Control for the fork test: with the guard switched off, GNU OpenMP kills the child."""
+    res = result_of(run_python(FORK_CONTROL, env={"NUMBA_THREADING_LAYER": "omp"}))
+    assert res["False"] == 0  # guarded: alive and right
+    assert res["True"] not in (0, 3, None)  # unguarded: killed ("fork() ... GNU OpenMP")
+
+
+WORKQUEUE_CONTROL = r"""
+import threading
+import numba, numpy as np
+
+@numba.njit(parallel=True, nogil=True)
+def total(a):
+    s = 0.0
+    for i in numba.prange(a.shape[0]):
+        s += a[i]
+    return s
+
+a = np.ones(1 << 22)
+total(a)
+ts = [threading.Thread(target=lambda: [total(a) for _ in range(50)]) for _ in range(8)]
+for t in ts: t.start()
+for t in ts: t.join()
+print("RESULT {}")
+"""
+
+
+def test_workqueue_unguarded_aborts_so_the_guard_matters():
+    """Control for the workqueue test: a plain parallel Numba function aborts the process."""
+    proc = run_python(WORKQUEUE_CONTROL, env={"NUMBA_THREADING_LAYER": "workqueue"})
+    assert proc.returncode != 0
+    assert "Concurrent access has been detected" in proc.stderr
+
+
+NO_LAYER_SCRIPT = r"""
+import json, warnings
+import numpy as np
+import instnorm_numba as inn
+from instnorm_numba import _jit, reference as ref
+
+_jit._libtbb_path = lambda: None  # as if the tbb package were absent
+x = np.random.default_rng(0).standard_normal((2, 8, 64, 128))
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    y = inn.instance_norm(x)
+    y2 = inn.instance_norm(x)
+err = ref.ulp_error(y, ref.instance_norm(x, exact=True))
+print("RESULT " + json.dumps({
+    "layer": _jit.threading_layer(), "warnings": [str(m.message) for m in w],
+    "err": err, "same": bool(np.array_equal(y, y2)),
+}))
+"""
+
+
+def test_no_loadable_layer_warns_once_and_runs_serially():
+    res = result_of(run_python(NO_LAYER_SCRIPT, env={"NUMBA_THREADING_LAYER": "tbb"}))
+    assert res["layer"] == _jit.NO_LAYER
+    assert len(res["warnings"]) == 1 and "threading layer" in res["warnings"][0]
+    assert res["err"] <= 4 and res["same"]
+
+
+def test_user_choice_of_omp_is_respected_even_with_tbb_installed():
+    code = """
+    import json, numpy as np, instnorm_numba as inn
+    from instnorm_numba import _jit
+    inn.instance_norm(np.ones((2, 2, 8)))
+    print("RESULT " + json.dumps([_jit.threading_layer(), _jit._tbb_preloaded]))
+    """
+    layer, preloaded = result_of(run_python(code, env={"NUMBA_THREADING_LAYER": "omp"}))
+    assert layer == "omp" and preloaded is None
+
+
+# ----------------------------------------------------------------------------------------------
+# numba.set_num_threads in this process (the subprocess test covers every layer)
+
+
+def _spy_parallel_kernels(monkeypatch):
+    counts = {"parallel": 0, "serial": 0}
+
+    def spy(kind, fn):
+        def call(*args):
+            counts[kind] += 1
+            return fn(*args)
+
+        return call
+
+    for pk in vars(K).values():
+        if isinstance(pk, _jit.ParallelKernel):
+            monkeypatch.setattr(pk, "parallel", spy("parallel", pk.parallel))
+            monkeypatch.setattr(pk, "serial", spy("serial", pk.serial))
+    return counts
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 Numba threads")
+def test_set_num_threads_is_honoured_and_restored(monkeypatch):
+    counts = _spy_parallel_kernels(monkeypatch)
+    x = np.random.default_rng(0).standard_normal((2, 8, 64, 64))
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        y1 = instnorm_numba.instance_norm(x)
+        assert counts["parallel"] == 0 and counts["serial"] > 0
+        assert numba.get_num_threads() == 1
+        numba.set_num_threads(2)
+        y2 = instnorm_numba.instance_norm(x)
+        assert counts["parallel"] > 0
+        assert numba.get_num_threads() == 2
+    finally:
+        numba.set_num_threads(before)
+    assert ref.ulp_error(y1, ref.instance_norm(x, exact=True), scale=None) <= 4
+    assert ref.ulp_error(y2, ref.instance_norm(x, exact=True), scale=None) <= 4
+
+
+HOST_POOL_FORK = r"""
+import json, multiprocessing as mp
+import numba, numpy as np
+import instnorm_numba as inn
+from instnorm_numba import _jit
+
+@numba.njit(parallel=True)
+def host_kernel(a):  # the host program's own parallel code, not the library's
+    s = 0.0
+    for i in numba.prange(a.shape[0]):
+        s += a[i]
+    return s
+
+host_kernel(np.ones(1 << 20))
+x = np.random.default_rng(0).standard_normal((4, 8, 64, 64))
+
+def child(q):
+    q.put(float(np.abs(inn.instance_norm(x) - inn.instance_norm(x[::-1])[::-1]).max()))
+
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,))
+p.start()
+p.join(300)
+print("RESULT " + json.dumps({"exitcode": p.exitcode, "diff": q.get(timeout=10) if p.exitcode == 0
+                              else None, "layer": numba.threading_layer()}))
+"""
+
+
+def test_fork_after_the_host_program_used_openmp():
+    """The guard looks at Numba's pool, not only at the library's own calls."""
+    res = result_of(run_python(HOST_POOL_FORK, env={"NUMBA_THREADING_LAYER": "omp"}))
+    assert res["layer"] == "omp"
+    assert res["exitcode"] == 0 and res["diff"] == 0.0
