@@ -119,7 +119,7 @@ def roofline_copy(src: np.ndarray, dst: np.ndarray) -> None:
         if a.nbytes % np.dtype(word).itemsize == 0:
             a, b = a.view(word), b.view(word)
             break
-    threads = numba.get_num_threads()
+    threads = num_threads()
     nchunks = max(1, min(4 * threads, a.size // 4096))
     dispatch(_copy_kernel, nchunks > 1, a, b, nchunks)
 
@@ -467,7 +467,7 @@ def machine() -> dict:
         "numpy": np.__version__,
         "numba": numba.__version__,
         "threading_layer": threading_layer(),
-        "threads": numba.get_num_threads(),
+        "threads": num_threads(),
         "cpu": cpu,
         "logical_cores": os.cpu_count(),
         "platform": platform.platform(),
