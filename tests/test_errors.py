@@ -4,10 +4,12 @@ value, and no side effect on the caller's data."""
 
 from __future__ import annotations
 
+import fractions
 import warnings
 
 import numpy as np
 import pytest
+from conftest import result_of, run_python
 
 import instnorm_numba
 
@@ -740,6 +742,140 @@ if HAVE_LAYERS:
         ),
     ]
 
+# numbers Python holds but a float cannot: a ValueError naming the argument, never an
+# OverflowError (and never a ValueError from repr of a 5000-digit int)
+HUGE = 10**400
+E += [
+    (FWD, "eps-huge-int", _fwd(eps=HUGE), ValueError, r"^eps must be finite; got an integer of"),
+    (
+        FWD,
+        "eps-huge-negative-int",
+        _fwd(eps=-(10**5000)),
+        ValueError,
+        r"^eps must be finite; got a negative integer of 16610 bits",
+    ),
+    (
+        FWD,
+        "eps-huge-fraction",
+        _fwd(eps=fractions.Fraction(HUGE, 3)),
+        ValueError,
+        r"^eps must be finite",
+    ),
+    (FWD, "momentum-huge-int", _fwd(momentum=HUGE), ValueError, r"^momentum must be finite"),
+    (
+        FWD,
+        "axis-huge-int",
+        _fwd(channel_axis=10**5000),
+        ValueError,
+        r"^channel_axis=an integer of 16610 bits is out of range",
+    ),
+]
+if HAVE_BACKWARD:
+    E += [
+        (
+            BWD,
+            "axis-huge-int",
+            _bwd(channel_axis=-(10**30)),
+            ValueError,
+            r"^channel_axis=a negative integer of 100 bits is out of range",
+        ),
+    ]
+if HAVE_LAYERS:
+    for cls in LAYER_CLASSES:
+        E += [
+            (
+                cls,
+                "num-features-huge-int",
+                _layer(cls, 10**5000),
+                ValueError,
+                r"^num_features must be <= 2147483647; got an integer of 16610 bits",
+            ),
+            (
+                cls,
+                "num-features-too-many",
+                _layer(cls, 2**40),
+                ValueError,
+                r"^num_features must be <= 2147483647; got 1099511627776",
+            ),
+            (cls, "eps-huge-int", _layer(cls, 3, eps=HUGE), ValueError, r"^eps must be finite"),
+            (
+                cls,
+                "momentum-huge-int",
+                _layer(cls, 3, momentum=HUGE),
+                ValueError,
+                r"^momentum must be finite",
+            ),
+        ]
+
+    class _Unconvertible:
+        """An array of some library whose ``__array__`` fails (as a CUDA tensor's does)."""
+
+        def __array__(self, dtype=None, copy=None):
+            raise RuntimeError("can't convert cuda:0 device type tensor to numpy")
+
+    def _tracked():
+        return instnorm_numba.InstanceNorm(3, track_running_stats=True)
+
+    def _load(**values):
+        def call():
+            layer = _tracked()
+            return layer.load_state_dict({**layer.state_dict(), **values})
+
+        return call
+
+    NBT = r'parameter named "num_batches_tracked", expected an integer in the int64 range'
+    E += [
+        (
+            "InstanceNorm",
+            "load-num-batches-uint64-beyond-int64",
+            _load(num_batches_tracked=np.array(2**63, np.uint64)),
+            StateDictError,
+            NBT,
+        ),
+        (
+            "InstanceNorm",
+            "load-num-batches-float-beyond-int64",
+            _load(num_batches_tracked=np.array(1e30)),
+            StateDictError,
+            NBT,
+        ),
+        (
+            "InstanceNorm",
+            "load-num-batches-fraction",
+            _load(num_batches_tracked=np.array(2.5)),
+            StateDictError,
+            NBT,
+        ),
+        (
+            "InstanceNorm",
+            "load-num-batches-nan",
+            _load(num_batches_tracked=np.array(np.nan)),
+            StateDictError,
+            NBT,
+        ),
+        (
+            "InstanceNorm",
+            "load-num-batches-huge-python-int",
+            _load(num_batches_tracked=2**70),
+            StateDictError,
+            r'parameter named "num_batches_tracked", expected an array_like of real numbers',
+        ),
+        (
+            "InstanceNorm",
+            "load-unconvertible-array",
+            _load(running_mean=_Unconvertible()),
+            StateDictError,
+            r'parameter named "running_mean", .*received _Unconvertible \(can\'t convert cuda',
+        ),
+        (
+            "InstanceNorm",
+            "load-masked-array",
+            _load(running_var=np.ma.masked_array(np.ones(3), [0, 1, 0])),
+            StateDictError,
+            r'parameter named "running_var", .*masks are not supported',
+        ),
+    ]
+
 ERROR_TABLE = E
 
 
@@ -825,3 +961,270 @@ def test_refused_layer_calls_change_nothing():
         np.testing.assert_array_equal(v, state[k], err_msg=k)
     np.testing.assert_array_equal(x, x_before)
     np.testing.assert_array_equal(layer.backward(np.ones_like(x)).shape, x.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# the duck-array policy (README "Reliability", ``_duck.refuse_or_convert``): every array
+# argument of every public function meets the same rule, decided by the argument's type only
+
+
+class _CudaLike:
+    """What CuPy, Numba's device arrays and torch CUDA tensors show: device memory."""
+
+    def __init__(self, a):
+        self.shape, self.dtype = a.shape, a.dtype
+        self.__cuda_array_interface__ = {"shape": a.shape, "typestr": a.dtype.str, "version": 3}
+
+
+class _NamespaceLike:
+    """An array of another array-API library (JAX, array-api-strict): converts, but is not
+    NumPy's, so nothing says a host copy is what the caller wants."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __array_namespace__(self, api_version=None):
+        return None
+
+    def __array__(self, dtype=None, copy=None):
+        return self._a
+
+
+class _Subclass(np.ndarray):
+    """An ndarray subclass with no special meaning: read as its ndarray data."""
+
+
+def _torch(a, grad):
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    return torch.tensor(a, requires_grad=grad)
+
+
+def _dask(a):
+    da = pytest.importorskip("dask.array", reason="dask is not installed")
+    return da.from_array(a, chunks=1)
+
+
+def _xarray(a):
+    xr = pytest.importorskip("xarray", reason="xarray is not installed")
+    return xr.DataArray(a)
+
+
+def _matrix(a):
+    """np.matrix of ``a``'s values (always 2-D: the type is refused before any shape check)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        return np.matrix(a.reshape(a.shape[0], -1) if a.ndim > 2 else a)
+
+
+#: kind -> (make from a float64 ndarray, regex after "<argument> is ")
+REFUSED = {
+    # MASKS: the masks issue replaces this row with real support (a mask honoured)
+    "masked": (lambda a: np.ma.masked_array(a, np.zeros(a.shape, bool)), "a numpy.ma.Masked"),
+    # DASK: the Dask issue replaces this row with real support (lazy, chunk-wise)
+    "dask": (_dask, "a dask array"),
+    "xarray": (_xarray, r"an xarray\.DataArray: use instnorm_numba\.xarray"),
+    "torch-requires-grad": (
+        lambda a: _torch(a, True),
+        r"a torch\.Tensor with requires_grad=True: .*use instnorm_numba\.torch",
+    ),
+    "cuda-array": (_CudaLike, r"a .*_CudaLike, an array of another library"),
+    "array-namespace": (_NamespaceLike, r"a .*_NamespaceLike, an array of another library"),
+    "matrix": (lambda a: _matrix(a), r"a numpy\.matrix"),
+}
+#: kind -> make; the result must equal the plain-ndarray call's
+CONVERTED = {
+    "torch-no-grad": lambda a: _torch(a, False),
+    "memmap-like-subclass": lambda a: a.copy().view(_Subclass),
+}
+
+SHAPE = (2, 3, 4, 4)
+
+
+def _base():
+    r = np.random.default_rng(7)
+    x = r.standard_normal(SHAPE)
+    _, mean, rstd = instnorm_numba.instance_norm(x, return_stats=True)
+    return {
+        "x": x,
+        "weight": r.uniform(0.5, 2.0, 3),
+        "bias": r.standard_normal(3),
+        "running_mean": np.zeros(3),
+        "running_var": np.ones(3),
+        "out": np.zeros(SHAPE),
+        "grad_output": r.standard_normal(SHAPE),
+        "mean": mean,
+        "rstd": rstd,
+    }
+
+
+def _forward(a, update=True):
+    return instnorm_numba.instance_norm(
+        a["x"],
+        a["weight"],
+        a["bias"],
+        running_mean=a["running_mean"],
+        running_var=a["running_var"],
+        use_input_stats=update,
+        out=a["out"],
+    )
+
+
+def _backward(a):
+    return instnorm_numba.instance_norm_backward(
+        a["grad_output"], a["x"], a["mean"], a["rstd"], a["weight"], out=a["out"]
+    )
+
+
+def _layer_forward(a):
+    return instnorm_numba.InstanceNorm2d(3, affine=True)(a["x"])
+
+
+def _layer_backward(a):
+    layer = instnorm_numba.InstanceNorm2d(3, affine=True)
+    layer(_base()["x"])
+    return layer.backward(a["grad_output"])
+
+
+#: (function, its array arguments, whether out/running statistics are written in place)
+DUCK_CALLS = {
+    "instance_norm": (_forward, ["x", "weight", "bias", "running_mean", "running_var", "out"]),
+    "instance_norm-eval": (
+        lambda a: _forward(a, update=False),
+        ["running_mean", "running_var"],
+    ),
+    "instance_norm_backward": (
+        _backward,
+        ["grad_output", "x", "mean", "rstd", "weight", "out"],
+    ),
+    "InstanceNorm2d": (_layer_forward, ["x"]),
+    "InstanceNorm2d.backward": (_layer_backward, ["grad_output"]),
+}
+#: written in place: only a numpy.ndarray will do (a converted copy would lose the write)
+IN_PLACE = {("instance_norm", "running_mean"), ("instance_norm", "running_var")}
+IN_PLACE |= {(f, "out") for f in ("instance_norm", "instance_norm_backward")}
+
+
+def _duck_cases(kinds):
+    for fname, (_, args) in DUCK_CALLS.items():
+        for arg in args:
+            for kind in kinds:
+                yield pytest.param(fname, arg, kind, id=f"{fname}-{arg}-{kind}")
+
+
+@pytest.mark.parametrize("fname,arg,kind", list(_duck_cases(REFUSED)))
+def test_duck_arrays_refused_with_a_type_error_naming_the_argument(fname, arg, kind):
+    call, _ = DUCK_CALLS[fname]
+    make, why = REFUSED[kind]
+    a = _base()
+    before = {k: v.copy() for k, v in a.items()}
+    a[arg] = make(a[arg])
+    for _ in range(2):  # the same answer on every call
+        with pytest.raises(TypeError) as info:
+            call(a)
+        assert type(info.value) is TypeError
+        assert info.match(f"^{arg} is {why}"), str(info.value)
+    for k, v in before.items():  # nothing written, nothing half-updated
+        if k != arg:
+            np.testing.assert_array_equal(a[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize("fname,arg,kind", list(_duck_cases(CONVERTED)))
+def test_duck_arrays_converted_give_the_numpy_result(fname, arg, kind):
+    call, _ = DUCK_CALLS[fname]
+    plain = _base()
+    expect = call(plain)
+    a = _base()
+    a[arg] = CONVERTED[kind](a[arg])
+    if (fname, arg) in IN_PLACE and not isinstance(a[arg], np.ndarray):
+        # written in place: a converted copy would lose the write, so it is refused
+        with pytest.raises(TypeError, match=f"^{arg} must be a numpy.ndarray"):
+            call(a)
+        return
+    for _ in range(2):  # whatever ran before (a refused call, the plain one), the same result
+        with pytest.raises(TypeError):
+            call({**_base(), arg: np.ma.masked_array(_base()[arg])})
+        got = call(a)
+        for g, e in zip(
+            got if isinstance(got, tuple) else (got,),
+            expect if isinstance(expect, tuple) else (expect,),
+            strict=True,
+        ):
+            assert type(g) is np.ndarray or (arg == "out" and g is a["out"])  # out= returned
+            np.testing.assert_array_equal(g, e)
+        a = {**_base(), arg: CONVERTED[kind](_base()[arg])}
+
+
+@pytest.mark.skipif(not HAVE_LAYERS, reason="no layers in this version")
+def test_load_state_dict_takes_torch_tensors_even_with_requires_grad():
+    """Loading copies values (no graph to lose): a parameter saved by torch loads."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    layer = instnorm_numba.InstanceNorm2d(3, affine=True, track_running_stats=True)
+    sd = {
+        "weight": torch.tensor([1.0, 2.0, 3.0], requires_grad=True),
+        "bias": torch.zeros(3),
+        "running_mean": torch.ones(3, dtype=torch.float64),
+        "running_var": torch.full((3,), 2.0),
+        "num_batches_tracked": torch.tensor(7),
+    }
+    layer.load_state_dict(sd)
+    np.testing.assert_array_equal(layer.weight, [1, 2, 3])
+    np.testing.assert_array_equal(layer.running_var, [2, 2, 2])
+    assert layer.num_batches_tracked == 7 and layer.weight.dtype == np.float32
+
+
+@pytest.mark.skipif(not HAVE_LAYERS, reason="no layers in this version")
+def test_refused_num_batches_tracked_loads_nothing():
+    layer = instnorm_numba.InstanceNorm2d(3, affine=True, track_running_stats=True)
+    state = {k: np.array(v, copy=True) for k, v in layer.state_dict().items()}
+    new = {k: v + 1 for k, v in state.items()}
+    for bad in (np.array(2**63, np.uint64), np.array(9.3e18), np.array(-1e19), np.array(2.5)):
+        with pytest.raises(StateDictError, match="num_batches_tracked"):
+            layer.load_state_dict({**new, "num_batches_tracked": bad})
+        for k, v in layer.state_dict().items():
+            np.testing.assert_array_equal(v, state[k], err_msg=k)
+    layer.load_state_dict({**new, "num_batches_tracked": np.array(2**63 - 1, np.uint64)})
+    assert layer.num_batches_tracked == 2**63 - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# NUMBA_DISABLE_JIT=1 (debugging): every dtype right, or refused (float16), never wrong
+
+DISABLE_JIT = r"""
+import json
+import numpy as np
+import instnorm_numba as inn
+from instnorm_numba import reference as ref
+res = {}
+r = np.random.default_rng(0)
+for dt in ["float16", "float32", "float64", ">f4", "int32", "uint8", "bool"]:
+    for ax in (1, -1):
+        x = (r.standard_normal((2, 3, 5, 6)) * 3 + 1).astype(dt)
+        w = np.linspace(0.5, 2, x.shape[ax])
+        key = f"{dt}/{ax}"
+        try:
+            y, mean, rstd = inn.instance_norm(x, w, channel_axis=ax, return_stats=True)
+            xin = x.astype(np.float64) if x.dtype.kind in "iub" else x
+            e = ref.ulp_error(y, ref.instance_norm(xin, w, channel_axis=ax, exact=True),
+                              scale=ref.accuracy_scale(xin, w, channel_axis=ax)
+                              if y.dtype == np.float64 else None)
+            dy = r.standard_normal(x.shape).astype(y.dtype)
+            dx = inn.instance_norm_backward(dy, x, mean, rstd, w, channel_axis=ax)[0]
+            edx = ref.instance_norm_backward(dy, xin, w, channel_axis=ax, exact=True)[0]
+            eb = ref.ulp_error(dx, edx, scale=ref.backward_accuracy_scale(
+                dy, xin, w, channel_axis=ax) if dx.dtype == np.float64 else None)
+            res[key] = [float(e), float(eb)]
+        except Exception as exc:
+            res[key] = f"{type(exc).__name__}: {exc}"
+print("RESULT " + json.dumps(res))
+"""
+
+
+def test_numba_disable_jit_every_dtype_right_or_refused():
+    """Before: float16 under NUMBA_DISABLE_JIT=1 returned inf-eps-wrong numbers silently."""
+    res = result_of(run_python(DISABLE_JIT, env={"NUMBA_DISABLE_JIT": "1"}, timeout=900))
+    for key, v in res.items():
+        if key.startswith("float16"):
+            assert v.startswith("TypeError: x has dtype float16, which NUMBA_DISABLE_JIT=1"), v
+        else:
+            tol = 4 if key.split("/")[0] not in ("float32", ">f4") else 1
+            assert isinstance(v, list) and max(v) <= tol, (key, v)
