@@ -9,6 +9,10 @@ Two jobs live here, and nothing else:
 * ``dispatch(...)``: the one place the API decides between the parallel kernel and its serial
   twin: small inputs, a forked child of a parent whose OpenMP pool is live, and concurrent
   callers on Numba's non-thread-safe ``workqueue`` layer all take the serial twin.
+
+The threading state is decided once (``threading_layer``) and read without a lock afterwards;
+what must not be interrupted by a signal handler's exception (the pool launch, a kernel's
+first compilation) runs in a helper thread (``outside_signals``).
 """
 
 from __future__ import annotations
@@ -239,12 +243,13 @@ def _passive_openmp(enabled: bool):
 
     GNU OpenMP's idle workers spin for ~0.3 s before sleeping.  With another process keeping
     the cores busy, every parallel region then waits for spinning threads that the kernel
-    has descheduled: one small call measured 40x slower than with tbb (README "Reliability").
-    libgomp reads the variable once, when it is loaded, so it is set only around the pool's
-    launch and restored after: it applies to the runtime Numba loads here (if no libgomp is
-    loaded yet), never to one another library already loaded or bundles, and never when the
-    caller set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` themselves.  With the tbb layer
-    (the default install where tbb wheels exist) this changes nothing.
+    has descheduled: one small call measured ~30x slower than with tbb (README "Reliability:
+    under load").  libgomp reads the variable once, when it is loaded, so it is set only
+    around the pool's launch and removed after: it reaches the runtime Numba loads here (only
+    if no libgomp is loaded yet), not one that another library loaded before or bundles
+    (torch's), and never applies when the caller set ``OMP_WAIT_POLICY`` or
+    ``GOMP_SPINCOUNT``.  With the tbb layer (the default install where tbb wheels exist) this
+    changes nothing.
     """
     if (
         not enabled
