@@ -823,7 +823,10 @@ if HAVE_LAYERS:
 
         return call
 
-    NBT = r'parameter named "num_batches_tracked", expected an integer in the int64 range'
+    NBT = (
+        r'parameter named "num_batches_tracked", expected an integer from checkpoint but '
+        r"received .*\(num_batches_tracked must be an integer in the int64 range\)"
+    )
     E += [
         (
             "InstanceNorm",

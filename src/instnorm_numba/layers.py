@@ -484,7 +484,8 @@ class InstanceNorm:
                 if not _fits_int64(value):
                     error_msgs.append(
                         f'While copying the parameter named "{name}", expected an integer '
-                        f"in the int64 range from checkpoint but received {value!r}"
+                        f"from checkpoint but received {value!r} (num_batches_tracked must be "
+                        "an integer in the int64 range)"
                     )
                     continue
                 value = value.astype(np.int64)
