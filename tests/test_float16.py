@@ -3,14 +3,12 @@ portable integer one) against NumPy, and the import-time choice between them."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import numba
 import numpy as np
 import pytest
+from conftest import run_python
 
 from instnorm_numba._kernels import elements as K  # the element conversions
 
@@ -156,10 +154,7 @@ def test_feature_detection(monkeypatch, features, expect):
 
 def test_generic_cpu_uses_fallback():
     # NUMBA_CPU_NAME=generic compiles for a CPU without F16C: the portable code is chosen
-    env = dict(os.environ, NUMBA_CPU_NAME="generic")
-    env.pop("NUMBA_CPU_FEATURES", None)
     code = "from instnorm_numba._kernels import elements as K; print(K.HAS_F16C)"
-    res = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
+    res = run_python(code, env={"NUMBA_CPU_NAME": "generic"}, unset=["NUMBA_CPU_FEATURES"])
+    assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "False"

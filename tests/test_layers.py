@@ -414,70 +414,15 @@ def test_no_half_load_on_a_bad_value():
     assert (m.weight == 1).all() and m.num_batches_tracked == 0
 
 
-@pytest.mark.parametrize(
-    "state_dict,strict,exc,match",
-    [
-        ([("weight", np.ones(3))], True, TypeError, "state_dict must be a mapping.*got list"),
-        ({"weight": np.ones(3)}, 1, TypeError, "strict must be a bool; got 1"),
-        ({3: np.ones(3)}, True, TypeError, "state_dict keys must be str; got 3"),
-    ],
-)
-def test_load_state_dict_bad_arguments(state_dict, strict, exc, match):
-    m = InstanceNorm2d(3, affine=True)
-    with pytest.raises(exc, match=match):
-        m.load_state_dict(state_dict, strict=strict)
+# test_load_state_dict_bad_arguments: rows "load-state-dict-*" of the error table, test_errors.py
 
 
 # --------------------------------------------------------------------------------------------
 # construction, modes, running statistics
 
 
-@pytest.mark.parametrize(
-    "kwargs,exc,match",
-    [
-        ({"num_features": 3.0}, TypeError, "num_features must be an integer; got 3.0"),
-        ({"num_features": True}, TypeError, "num_features must be an integer; got True"),
-        ({"num_features": 0}, ValueError, "num_features must be >= 1; got 0"),
-        ({"eps": -1e-5}, ValueError, "eps must be >= 0.0; got -1e-05"),
-        ({"eps": "1e-5"}, TypeError, "eps must be a real number; got '1e-5'"),
-        ({"momentum": float("nan")}, ValueError, "momentum must be finite; got nan"),
-        ({"momentum": "0.1"}, TypeError, "momentum must be a real number; got '0.1'"),
-        ({"affine": 1}, TypeError, "affine must be a bool; got 1"),
-        (
-            {"track_running_stats": "yes"},
-            TypeError,
-            "track_running_stats must be a bool; got 'yes'",
-        ),
-        ({"dtype": np.int32}, TypeError, "dtype must be float16, float32 or float64; got"),
-        (
-            {"dtype": "complex64"},
-            TypeError,
-            "dtype must be float16, float32 or float64; got 'complex64'",
-        ),
-    ],
-)
-def test_constructor_errors_name_argument_and_value(kwargs, exc, match):
-    args = {"num_features": 3, **kwargs}
-    with pytest.raises(exc, match=match):
-        InstanceNorm2d(**args)
-
-
-@pytest.mark.parametrize(
-    "channel_axis,exc,match",
-    [
-        (0, ValueError, "channel_axis=0 names axis 0, the batch axis"),
-        (1.0, TypeError, "channel_axis must be an integer; got 1.0"),
-        (True, TypeError, "channel_axis must be an integer; got True"),
-    ],
-)
-def test_general_constructor_channel_axis(channel_axis, exc, match):
-    with pytest.raises(exc, match=match):
-        InstanceNorm(3, channel_axis=channel_axis)
-
-
-def test_nd_classes_take_no_channel_axis():
-    with pytest.raises(TypeError):
-        InstanceNorm2d(3, channel_axis=-1)
+# test_constructor_errors_name_argument_and_value, test_general_constructor_channel_axis and
+# test_nd_classes_take_no_channel_axis: rows of the error table in test_errors.py
 
 
 def test_defaults_and_attributes():
@@ -668,17 +613,7 @@ def test_backward_with_running_stats_is_finite_differences():
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_backward_errors():
-    m = InstanceNorm2d(2, affine=True)
-    with pytest.raises(RuntimeError, match="backward\\(\\) needs a forward\\(\\) first"):
-        m.backward(np.ones((1, 2, 3, 3)))
-    m(np.random.default_rng(0).standard_normal((1, 2, 3, 3)))
-    with pytest.raises(
-        ValueError, match="grad_output must have shape \\(1, 2, 3, 3\\).*got shape \\(2, 3, 3\\)"
-    ):
-        m.backward(np.ones((2, 3, 3)))
-    with pytest.raises(TypeError, match="grad_output"):
-        m.backward(np.ones((1, 2, 3, 3), dtype=complex))
+# test_backward_errors: rows "backward-*" of the error table in test_errors.py
 
 
 def test_backward_without_affine_stores_no_gradients():

@@ -12,9 +12,13 @@ import numpy as np
 
 from . import _kernels as K
 from . import _pool
-from ._jit import dispatch, num_threads
+from ._duck import refuse_or_convert
+from ._jit import dispatch, jit_disabled, num_threads, shield_compilation
 
 __all__ = ["instance_norm", "instance_norm_backward"]
+
+# a Ctrl-C during a kernel's first (compiling) call must not break Numba's compiler
+shield_compilation(vars(K).values())
 
 #: below this many elements a call runs the serial kernel: a parallel launch costs more
 PARALLEL_MIN_ELEMENTS = 1 << 16
@@ -48,16 +52,20 @@ def result_dtype(dtype: np.dtype, name: str = "x") -> np.dtype:
 
 
 def as_array(v, name: str, what: str = "an array_like of real numbers") -> np.ndarray:
-    """``np.asarray(v)``; NumPy's conversion errors become a TypeError naming ``name``."""
+    """``np.asarray(v)``; NumPy's conversion errors become a TypeError naming ``name``.
+
+    Arrays of other libraries meet the duck-array policy first (``_duck.refuse_or_convert``).
+    """
+    refuse_or_convert(v, name)
     try:
         return np.asarray(v)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RuntimeError) as exc:  # RuntimeError: some __array__s
         raise TypeError(f"{name} must be {what}; got {exc}") from None
 
 
 def as_input(x, name: str = "x") -> np.ndarray:
     """``x`` as an ndarray with ndim >= 3 and a supported dtype (no copy unless needed)."""
-    arr = x if isinstance(x, np.ndarray) else as_array(x, name)
+    arr = x if type(x) is np.ndarray else as_array(x, name)
     result_dtype(arr.dtype, name)
     if arr.ndim < 3:
         raise ValueError(
@@ -69,11 +77,11 @@ def as_input(x, name: str = "x") -> np.ndarray:
 
 def normalize_channel_axis(channel_axis, ndim: int) -> int:
     if isinstance(channel_axis, bool) or not isinstance(channel_axis, numbers.Integral):
-        raise TypeError(f"channel_axis must be an integer; got {channel_axis!r}")
+        raise TypeError(f"channel_axis must be an integer; got {short_repr(channel_axis)}")
     ax = operator.index(channel_axis)
     if not -ndim <= ax < ndim:
         raise ValueError(
-            f"channel_axis={channel_axis} is out of range for an input with ndim={ndim}"
+            f"channel_axis={short_repr(ax)} is out of range for an input with ndim={ndim}"
         )
     ax %= ndim
     if ax == 0:
@@ -84,14 +92,28 @@ def normalize_channel_axis(channel_axis, ndim: int) -> int:
     return ax
 
 
+def short_repr(value) -> str:
+    """``repr(value)``, but an integer too large for a float (or for ``repr``: Python refuses
+    over 4300 digits) is described by its size."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        bits = int(value).bit_length()
+        if bits > 64:
+            return f"{'a negative' if value < 0 else 'an'} integer of {bits} bits"
+    return repr(value)
+
+
 def real_scalar(value, name: str, *, minimum=None) -> float:
+    """A finite float from a real number; a value no float can hold is a ValueError too."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {value!r}")
-    v = float(value)
+        raise TypeError(f"{name} must be a real number; got {short_repr(value)}")
+    try:
+        v = float(value)
+    except OverflowError:  # a huge int or Fraction: Python holds it, a float cannot
+        v = math.inf
     if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite; got {value!r}")
+        raise ValueError(f"{name} must be finite; got {short_repr(value)}")
     if minimum is not None and v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value!r}")
+        raise ValueError(f"{name} must be >= {minimum}; got {short_repr(value)}")
     return v
 
 
@@ -112,6 +134,7 @@ def channel_vector(v, name: str, C: int, default: float) -> np.ndarray:
 
 def running_vector(v, name: str, C: int, *, update: bool) -> np.ndarray:
     if update:
+        refuse_or_convert(v, name)
         if not isinstance(v, np.ndarray):
             raise TypeError(
                 f"{name} must be a numpy.ndarray (it is updated in place); got {type(v).__name__}"
@@ -132,6 +155,7 @@ def running_vector(v, name: str, C: int, *, update: bool) -> np.ndarray:
 
 
 def check_out(out, shape, dtype: np.dtype, name: str = "out") -> np.ndarray:
+    refuse_or_convert(out, name)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray or None; got {type(out).__name__}")
     if out.shape != tuple(shape):
@@ -197,6 +221,13 @@ def _moved(a: np.ndarray, axis: int, kind: str) -> np.ndarray:
 def canonicalize(x: np.ndarray, axis: int, dtype: np.dtype) -> Layout:
     """View (or, for other strides, copy once) ``x`` as channels-first rows or channels-last
     slabs."""
+    if dtype == np.float16 and jit_disabled():
+        # the float16 kernels rely on machine-integer arithmetic on the bit patterns, which
+        # Python's integers do not reproduce: refused, never silently wrong
+        raise TypeError(
+            "x has dtype float16, which NUMBA_DISABLE_JIT=1 cannot compute (the float16 kernels "
+            "run as compiled code only); unset NUMBA_DISABLE_JIT or convert to float32 first"
+        )
     N, C = x.shape[0], x.shape[axis]
     spatial = tuple(s for i, s in enumerate(x.shape) if i not in (0, axis))
     L = math.prod(spatial)

@@ -272,7 +272,7 @@ def machine() -> dict:
         "numpy": np.__version__,
         "numba": numba.__version__,
         "threading_layer": threading_layer(),
-        "threads": numba.get_num_threads(),
+        "threads": num_threads(),
         "cpu": cpu,
         "logical_cores": os.cpu_count(),
         "platform": platform.platform(),

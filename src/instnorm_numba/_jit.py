@@ -18,10 +18,15 @@ Three jobs live here, and nothing else:
 * ``dispatch(...)``: the one place the API decides between the parallel kernel and its serial
   twin: small inputs, a forked child of a parent whose OpenMP pool is live, and concurrent
   callers on Numba's non-thread-safe ``workqueue`` layer all take the serial twin.
+
+The threading state is decided once (``threading_layer``) and read without a lock afterwards;
+what must not be interrupted by a signal handler's exception (the pool launch, a kernel's
+first compilation) runs in a helper thread (``outside_signals``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import importlib.metadata
@@ -284,9 +289,11 @@ def _after_fork_in_child():
     # after the parent already ran one is terminated.  From then on this process runs serial
     # kernels.  tbb and workqueue are fork-safe.  Checked against Numba's own state, so a pool
     # that the host program (not this library) launched counts too.
-    global _forked_unsafe, _workqueue_lock, _state_lock
+    global _forked_unsafe, _workqueue_lock, _state_lock, _launcher
     _workqueue_lock = threading.Lock()
     _state_lock = threading.Lock()
+    if _layer is None:  # a launch thread of the parent does not exist here
+        _launcher = None
     if _pool_launched():
         try:
             layer = numba.threading_layer()
@@ -300,30 +307,171 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _lockfree_thread_count():
+    """Numba's own getter of the caller's thread count, without ``numba.get_num_threads``'s
+    two locks (a ``multiprocessing.RLock`` whose Python-level ``__enter__`` a signal handler
+    can interrupt after the acquire: the lock then stays held and every later call from
+    another thread hangs).  None when Numba's private name moved (then the public call)."""
+    try:
+        from numba.np.ufunc import parallel as _numba_parallel
+
+        fn = _numba_parallel._get_num_threads
+    except (ImportError, AttributeError):  # pragma: no cover - private API moved
+        return None
+    return fn if callable(fn) else None
+
+
+#: the caller's own OpenMP spin settings, honoured as given
+_OMP_SPIN_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def _libgomp_loaded() -> bool | None:
+    """Whether a GNU OpenMP runtime is already mapped in this process (None: cannot tell)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return "libgomp" in f.read()
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _passive_openmp(enabled: bool):
+    """``OMP_WAIT_POLICY=PASSIVE`` for the GNU OpenMP runtime Numba's ``omp`` layer loads now.
+
+    GNU OpenMP's idle workers spin for ~0.3 s before sleeping.  With another process keeping
+    the cores busy, every parallel region then waits for spinning threads that the kernel
+    has descheduled: one small call measured ~30x slower than with tbb (README "Reliability:
+    under load").  libgomp reads the variable once, when it is loaded, so it is set only
+    around the pool's launch and removed after: it reaches the runtime Numba loads here (only
+    if no libgomp is loaded yet), not one that another library loaded before or bundles
+    (torch's), and never applies when the caller set ``OMP_WAIT_POLICY`` or
+    ``GOMP_SPINCOUNT``.  With the tbb layer (the default install where tbb wheels exist) this
+    changes nothing.
+    """
+    if (
+        not enabled
+        or any(k in os.environ for k in _OMP_SPIN_SETTINGS)
+        or _libgomp_loaded() is not False
+    ):
+        yield False
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        yield True
+    finally:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+
+
+def _launch() -> None:
+    """Launch Numba's pool and record the layer (or the reason none loads).  Runs in a helper
+    thread: Python runs signal handlers in the main thread only, so a Ctrl-C or SIGALRM
+    exception can never land inside Numba's initialisation locks."""
+    global _layer_or_error, _thread_count, _omp_passive
+    preloaded = _preload_tbb()
+    try:
+        with _passive_openmp(enabled=preloaded is None) as passive:
+            numba.get_num_threads()  # launches Numba's thread pool
+        layer = numba.threading_layer()
+        _omp_passive = passive and layer == "omp"
+    except ValueError as exc:  # "No threading layer could be loaded"
+        _layer_or_error = ("error", str(exc).splitlines()[0])
+        return
+    _thread_count = _lockfree_thread_count() or numba.get_num_threads
+    _layer_or_error = ("layer", layer)
+
+
+_layer_or_error: tuple | None = None
+_omp_passive = False  # the omp layer runs with OMP_WAIT_POLICY=PASSIVE set by _passive_openmp
+_thread_count = None  # the thread-count getter once the pool runs
+_launcher: threading.Thread | None = None
+
+
 def threading_layer() -> str:
     """The Numba threading layer in use, launching the thread pool if needed.
 
-    ``NO_LAYER`` when Numba could load none (kernels then run serially).
+    ``NO_LAYER`` when Numba could load none (kernels then run serially).  Determined once;
+    later calls read a module global, no lock.
     """
-    global _layer
-    if _layer is None:
-        with _state_lock:
-            if _layer is None:
-                _preload_tbb()
-                try:
-                    numba.get_num_threads()  # launches Numba's thread pool
-                    layer = numba.threading_layer()
-                except ValueError as exc:  # "No threading layer could be loaded"
-                    warnings.warn(
-                        "instnorm_numba: Numba could not load a threading layer "
-                        f"(NUMBA_THREADING_LAYER={numba.config.THREADING_LAYER!r}: "
-                        f"{str(exc).splitlines()[0]}); kernels will run serially.",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                    layer = NO_LAYER
-                _layer = layer
+    global _layer, _launcher
+    if _layer is not None:
+        return _layer
+    with _state_lock:
+        if _layer is None:
+            if _launcher is None:
+                _launcher = threading.Thread(target=_launch, name="instnorm_numba launch")
+                _launcher.daemon = True
+                _launcher.start()
+            # an interrupt here leaves the launch running; the next call waits for it again
+            _launcher.join()
+            kind, value = _layer_or_error or ("error", "the launch did not finish")
+            if kind == "error":
+                warnings.warn(
+                    "instnorm_numba: Numba could not load a threading layer "
+                    f"(NUMBA_THREADING_LAYER={numba.config.THREADING_LAYER!r}: "
+                    f"{value}); kernels will run serially.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                value = NO_LAYER
+            _layer = value
     return _layer
+
+
+def outside_signals(fn, *args, **kws):
+    """``fn(*args, **kws)`` where no signal handler can interrupt it, with its result or error.
+
+    Python runs signal handlers (Ctrl-C's KeyboardInterrupt, a SIGALRM timeout) in the main
+    thread only: there ``fn`` runs in a helper thread that the caller waits for.  An interrupt
+    then ends the wait, not ``fn``, which finishes and leaves its state whole.  Other threads
+    call ``fn`` directly.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return fn(*args, **kws)
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn(*args, **kws)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller below
+            box["error"] = exc
+
+    helper = threading.Thread(target=run, name="instnorm_numba compile", daemon=True)
+    helper.start()
+    helper.join()
+    if "error" in box:
+        raise box.pop("error")
+    return box["value"]
+
+
+def shield_compilation(objects) -> None:
+    """Compile (or load from the cache) each kernel among ``objects`` outside signals.
+
+    Numba's compiler is not safe against an exception raised at an arbitrary point: a
+    KeyboardInterrupt inside its typing-registry generators leaves them exhausted, and every
+    later compilation in the process fails with "generator raised StopIteration".  Numba's
+    dispatcher calls its ``_compile_for_args`` method (looked up on the instance) whenever
+    no compiled version matches the arguments; wrapped here, the first call of each
+    signature compiles in ``outside_signals``.  Calls that find a compiled version are
+    untouched.
+    """
+    for obj in objects:
+        for disp in (obj.parallel, obj.serial) if isinstance(obj, ParallelKernel) else (obj,):
+            if not isinstance(disp, numba.core.registry.CPUDispatcher):
+                continue
+            if disp.__dict__.get("_instnorm_shielded"):
+                continue
+            compile_for_args = disp._compile_for_args
+
+            def shielded(*args, _compile=compile_for_args, **kws):
+                return outside_signals(_compile, *args, **kws)
+
+            disp._compile_for_args = shielded
+            disp._instnorm_shielded = True
+
+
+def jit_disabled() -> bool:
+    """``NUMBA_DISABLE_JIT=1``: kernels run as plain Python (debugging)."""
+    return bool(numba.config.DISABLE_JIT)
 
 
 def describe() -> str:
@@ -332,6 +480,8 @@ def describe() -> str:
     notes = []
     if _tbb_preloaded and layer == "tbb":
         notes.append(f"libtbb from the tbb package: {_tbb_preloaded}")
+    if _omp_passive:
+        notes.append("OMP_WAIT_POLICY=PASSIVE for its pool; pip install tbb for the tbb layer")
     if _forked_unsafe:
         notes.append("serial in this process: forked after GNU OpenMP ran")
     elif layer == "workqueue":
@@ -340,10 +490,14 @@ def describe() -> str:
 
 
 def num_threads() -> int:
-    """The caller's Numba thread count (thread-local, never changed here); 1 with no layer."""
+    """The caller's Numba thread count (thread-local, never changed here); 1 with no layer.
+
+    Called on every API call: after the first, no lock is taken (see ``_lockfree_thread_count``).
+    """
     if threading_layer() == NO_LAYER:
         return 1
-    return numba.get_num_threads()
+    n = _thread_count()
+    return n if n > 0 else numba.get_num_threads()
 
 
 def parallel_allowed() -> bool:

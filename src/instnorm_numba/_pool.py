@@ -126,7 +126,12 @@ def _count(value, name: str) -> int:
     value = int(value)
     if value < 0:
         raise ValueError(f"{name} must be >= 0; got {value}")
+    if value > _INT64_MAX:
+        raise ValueError(f"{name} must be at most 2**63 - 1; got {value}")
     return value
+
+
+_INT64_MAX = (1 << 63) - 1
 
 
 def output_pool(*, max_bytes=None, max_buffers=None, min_bytes=None) -> dict:
@@ -172,12 +177,10 @@ def output_pool(*, max_bytes=None, max_buffers=None, min_bytes=None) -> dict:
     (0, 0)
     >>> _ = output_pool(max_bytes=before["max_bytes"])
     """
+    given = {"max_bytes": max_bytes, "max_buffers": max_buffers, "min_bytes": min_bytes}
+    checked = {k: _count(v, k) for k, v in given.items() if v is not None}  # all, before any
     with _POOL.lock:
-        if max_bytes is not None:
-            _POOL.max_bytes = _count(max_bytes, "max_bytes")
-        if max_buffers is not None:
-            _POOL.max_buffers = _count(max_buffers, "max_buffers")
-        if min_bytes is not None:
-            _POOL.min_bytes = _count(min_bytes, "min_bytes")
+        for k, v in checked.items():
+            setattr(_POOL, k, v)
         _POOL._trim()
     return _POOL.stats()

@@ -33,7 +33,9 @@ from ._api import (
     normalize_channel_axis,
     real_scalar,
     result_dtype,
+    short_repr,
 )
+from ._duck import refuse_or_convert
 
 __all__ = [
     "IncompatibleKeys",
@@ -150,9 +152,13 @@ class InstanceNorm:
         dtype=np.float32,
     ) -> None:
         if _is_bool(num_features) or not isinstance(num_features, numbers.Integral):
-            raise TypeError(f"num_features must be an integer; got {num_features!r}")
+            raise TypeError(f"num_features must be an integer; got {short_repr(num_features)}")
         if num_features < 1:
-            raise ValueError(f"num_features must be >= 1; got {num_features!r}")
+            raise ValueError(f"num_features must be >= 1; got {short_repr(num_features)}")
+        if num_features > _MAX_FEATURES:  # np.ones(C) would raise, unnamed, or exhaust memory
+            raise ValueError(
+                f"num_features must be <= {_MAX_FEATURES}; got {short_repr(num_features)}"
+            )
         eps_value = real_scalar(eps, "eps", minimum=0.0)
         if momentum is not None:
             real_scalar(momentum, "momentum")
@@ -455,15 +461,13 @@ class InstanceNorm:
                 missing.append(name)
                 continue
             raw = state_dict[name]
-            try:
-                value = np.asarray(raw)
-            except (TypeError, ValueError):
-                value = None
+            value, why = _state_value(raw, name)
             if value is None or value.dtype.kind not in "fiub":
                 error_msgs.append(
                     f'While copying the parameter named "{name}", expected an array_like of '
                     f"real numbers from checkpoint but received {type(raw).__name__}"
                     + ("" if value is None else f" of dtype {value.dtype}")
+                    + (f" ({why})" if why else "")
                 )
                 continue
             pshape = np.shape(param)
@@ -477,12 +481,11 @@ class InstanceNorm:
                 )
                 continue
             if name == "num_batches_tracked":
-                if value.dtype.kind == "f" and not (
-                    np.isfinite(value) and float(value) == int(value)
-                ):
+                if not _fits_int64(value):
                     error_msgs.append(
                         f'While copying the parameter named "{name}", expected an integer '
-                        f"from checkpoint but received {value!r}"
+                        f"from checkpoint but received {value!r} (num_batches_tracked must be "
+                        "an integer in the int64 range)"
                     )
                     continue
                 value = value.astype(np.int64)
@@ -522,6 +525,36 @@ class InstanceNorm:
             else:
                 setattr(self, name, np.array(value, dtype=dtype))
         return IncompatibleKeys(missing, unexpected)
+
+
+#: the largest num_features: a channel count any index type of NumPy can address
+_MAX_FEATURES = 2**31 - 1
+
+
+def _state_value(raw, name: str):
+    """A checkpoint value as an ndarray, or (None, why) when it cannot be one.
+
+    The duck-array policy applies (a masked or dask array is refused), except that a torch
+    tensor's ``requires_grad`` does not matter here: loading copies values, no graph.
+    """
+    try:
+        if (type(raw).__module__ or "").startswith("torch") and hasattr(raw, "detach"):
+            raw = raw.detach()
+        refuse_or_convert(raw, name)
+        return np.asarray(raw), None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        return None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _fits_int64(value: np.ndarray) -> bool:
+    """A 0-d real value that is an integer within the int64 range."""
+    kind = value.dtype.kind
+    if kind == "b":
+        return True
+    if kind in "iu":
+        return int(value) <= np.iinfo(np.int64).max  # uint64 beyond 2**63 - 1: refused
+    v = float(value)
+    return math.isfinite(v) and v == math.floor(v) and -(2.0**63) <= v < 2.0**63
 
 
 class _Saved(NamedTuple):
