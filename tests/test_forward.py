@@ -535,3 +535,20 @@ print("ok")
     res = run_python(code, env=env, unset=["NUMBA_CPU_FEATURES"])
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("channel_axis", [1, -1])
+@pytest.mark.parametrize("shape", [(2, 2, 2, 2, 32882), (1, 2, 4, 65536)], ids=["fused", "split"])
+def test_long_float64_instances_keep_the_running_mean_compensated(shape, channel_axis):
+    """Found by the property tests: integer data 0..100 in instances of 130k elements merged
+    128 blocks one after the other, each merge rounding the running mean (4.5 eps of float64
+    before the mean was compensated too; 1.3 after)."""
+    x = np.random.default_rng(7).integers(0, 101, shape).astype(np.float64)
+    if channel_axis == -1:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    y, mean, _ = instance_norm(x, channel_axis=channel_axis, return_stats=True)
+    exact = ref.instance_norm(x, channel_axis=channel_axis, exact=True)
+    assert_matches_reference(y, exact, scale=ref.accuracy_scale(x, channel_axis=channel_axis))
+    xm = np.moveaxis(x, channel_axis, 1).reshape(shape[0], shape[1], -1)
+    exact_mean = xm.astype(np.int64).sum(axis=2) / xm.shape[2]  # integers: an exact sum
+    np.testing.assert_array_equal(mean, exact_mean)

@@ -164,10 +164,10 @@ def output_pool(*, max_bytes=None, max_buffers=None, min_bytes=None) -> dict:
     --------
     >>> import numpy as np
     >>> from instnorm_numba import instance_norm, output_pool
-    >>> before = output_pool()
     >>> x = np.ones((1, 64, 64, 64), np.float32)
     >>> y = instance_norm(x)                     # 1 MiB: from the pool
     >>> del y                                    # no one holds it: free for the next call
+    >>> before = output_pool()
     >>> y = instance_norm(x)
     >>> output_pool()["reused"] - before["reused"]
     1

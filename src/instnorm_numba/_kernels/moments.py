@@ -37,20 +37,20 @@ def median3(a, b, c):
 
 
 @kernel(fastmath=FM_STRICT)
-def merge_moments(n, mean, m2, comp, nb, mb, m2b):
-    """Chan et al.: fold a part (nb, mb, m2b) into (n, mean, m2 + comp); m2 compensated."""
+def merge_moments(n, mean, cmean, m2, comp, nb, mb, m2b):
+    """Chan et al.: fold a part (nb, mb, m2b) into (n, mean + cmean, m2 + comp).
+
+    Both sums are compensated (Neumaier): the mean as ``mean + cmean``, since a long instance
+    merges hundreds of blocks one after the other, and each uncompensated merge rounded the
+    running mean once (integer data 0..100 in 128 blocks: 4.4 eps of the spread, beyond the
+    float64 guarantee).  Returns ``(n, mean, cmean, m2, comp)``."""
     if nb == 0:
-        return n, mean, m2, comp
+        return n, mean, cmean, m2, comp
     nn = n + nb
-    delta = mb - mean
-    mean = mean + delta * (nb / nn)
-    inc = m2b + delta * delta * (n * (nb / nn))
-    t = m2 + inc
-    if abs(m2) >= abs(inc):
-        comp += (m2 - t) + inc
-    else:
-        comp += (inc - t) + m2
-    return nn, mean, t, comp
+    delta = (mb - mean) - cmean
+    mean, cmean = neumaier_add(mean, cmean, delta * (nb / nn))
+    m2, comp = neumaier_add(m2, comp, m2b + delta * delta * (n * (nb / nn)))
+    return nn, mean, cmean, m2, comp
 
 
 @kernel(fastmath=FM_STRICT)
@@ -171,14 +171,14 @@ def row_stats(x, start, stop, K):
     """(n, mean of x - K, M2) over x[start:stop]: blocks of BLOCK elements (float64) or
     BLOCK_ONEPASS (float32/float16), merged with Chan et al.'s update."""
     step = BLOCK if wide(x) else BLOCK_ONEPASS
-    n = mean = m2 = comp = 0.0
+    n = mean = cmean = m2 = comp = 0.0
     b = start
     while b < stop:
         e = min(b + step, stop)
         mb, m2b = block_moments(x, b, e, K)
-        n, mean, m2, comp = merge_moments(n, mean, m2, comp, float(e - b), mb, m2b)
+        n, mean, cmean, m2, comp = merge_moments(n, mean, cmean, m2, comp, float(e - b), mb, m2b)
         b = e
-    return n, mean, m2 + comp
+    return n, mean + cmean, m2 + comp
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,15 +193,12 @@ def merge_partials(pn, pmean, pm2, mean_out, m2_out):
     C = pmean.shape[2]
     for g in range(G):
         for c in range(C):
-            n = 0.0
-            mean = 0.0
-            m2 = 0.0
-            comp = 0.0
+            n = mean = cmean = m2 = comp = 0.0
             for j in range(nch):
-                n, mean, m2, comp = merge_moments(
-                    n, mean, m2, comp, pn[g, j], pmean[g, j, c], pm2[g, j, c]
+                n, mean, cmean, m2, comp = merge_moments(
+                    n, mean, cmean, m2, comp, pn[g, j], pmean[g, j, c], pm2[g, j, c]
                 )
-            mean_out[g, c] = mean
+            mean_out[g, c] = mean + cmean
             m2_out[g, c] = m2 + comp
 
 

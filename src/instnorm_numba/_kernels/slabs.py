@@ -210,12 +210,12 @@ def slab_moments(x2, r0, r1, K, mean, m2):
     C = x2.shape[1]
     rb = slab_block_rows(x2)
     comp = np.zeros(C)
+    cmean = np.zeros(C)
     mb = np.empty(C)
     m2b = np.empty(C)
     sd = np.empty(C)
-    for c in range(C):
-        mean[c] = 0.0
-        m2[c] = 0.0
+    mean[:] = 0.0
+    m2[:] = 0.0
     n = 0.0
     b = r0
     while b < r1:
@@ -226,12 +226,13 @@ def slab_moments(x2, r0, r1, K, mean, m2):
         else:
             _slab_block_onepass(x2, b, e, K, mb, m2b)
         for c in range(C):
-            _, mean[c], m2[c], comp[c] = merge_moments(
-                n, mean[c], m2[c], comp[c], nb, mb[c], m2b[c]
+            _, mean[c], cmean[c], m2[c], comp[c] = merge_moments(
+                n, mean[c], cmean[c], m2[c], comp[c], nb, mb[c], m2b[c]
             )
         n += nb
         b = e
     for c in range(C):
+        mean[c] += cmean[c]
         m2[c] += comp[c]
     return n
 
