@@ -1,8 +1,9 @@
 """instance_norm next to its speed limit, its reference and its peers, over case x dtype x layout.
 
-Every class has the same parameters, so one ``asv run`` gives every ratio of the performance
-issue: ``Forward.time_ours`` over ``Forward.time_copy`` (the roofline), ``Torch.time_torch``
-and ``OnnxRuntime.time_onnxruntime`` over ``Forward.time_ours``.
+Every class has the same parameters (from ``instnorm_numba.benchmark``, the table
+``instnorm-numba bench`` reads), so one ``asv run`` gives every ratio of the speed issue:
+``Forward.time_ours`` and ``Forward.time_ours_alloc`` over ``Forward.time_copy`` (the roofline)
+and each peer's ``time_*`` over them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ class Forward:
         self.x, self.w, self.b, self.out, _ = data(case, dtype, layout)
         self.axis = channel_axis(layout)
         warm(case, dtype, layout)
-        self.src, self.dst = common.copy_words(self.x, self.out)
 
     def time_ours(self, case, dtype, layout):
         self.fn(self.x, self.w, self.b, channel_axis=self.axis, out=self.out)
@@ -36,7 +36,7 @@ class Forward:
         self.fn(self.x, self.w, self.b, channel_axis=self.axis)
 
     def time_copy(self, case, dtype, layout):
-        common.roofline_copy(self.src, self.dst)
+        common.table.roofline_copy(self.x, self.out)
 
     def peakmem_ours(self, case, dtype, layout):
         self.fn(self.x, self.w, self.b, channel_axis=self.axis, out=self.out)
@@ -67,40 +67,53 @@ class Reference:
         self.fn(self.x, self.w, self.b, channel_axis=self.axis)
 
 
-class Torch:
-    """PyTorch CPU ``F.instance_norm`` with the same thread count (skipped without torch)."""
+class _Peer:
+    """A peer's forward on the same data and thread count (skipped when it is not installed
+    or cannot run the case)."""
 
     params = PARAMS
     param_names = PARAM_NAMES
     timeout = 300
+    peer = ""
 
     def setup(self, case, dtype, layout):
-        torch, F = common.torch_or_skip()
-        self.torch, self.F = torch, F
-        self.t, self.w, self.b, _ = common.torch_tensors(case, dtype, layout)
-        try:
-            self.time_torch(case, dtype, layout)
-        except RuntimeError as exc:  # e.g. a dtype without a CPU kernel
-            raise NotImplementedError(str(exc)) from None
+        self.run = common.peer(self.peer, case, dtype, layout)
+
+
+class Torch(_Peer):
+    """PyTorch CPU ``F.instance_norm``."""
+
+    peer = "torch"
 
     def time_torch(self, case, dtype, layout):
-        with self.torch.no_grad():
-            self.F.instance_norm(self.t, weight=self.w, bias=self.b, eps=1e-5)
+        self.run()
 
 
-class OnnxRuntime:
-    """ONNX Runtime CPU ``InstanceNormalization``, same thread count (skipped without it)."""
+class OnnxRuntime(_Peer):
+    """ONNX Runtime CPU ``InstanceNormalization``."""
 
-    params = PARAMS
-    param_names = PARAM_NAMES
-    timeout = 300
-
-    def setup(self, case, dtype, layout):
-        self.sess = common.ort_session(case, dtype, layout)
-        self.feed = {"x": data(case, dtype, layout)[0]}
+    peer = "onnxruntime"
 
     def time_onnxruntime(self, case, dtype, layout):
-        self.sess.run(None, self.feed)
+        self.run()
+
+
+class OpenVINO(_Peer):
+    """OpenVINO CPU ``MVN`` over the spatial axes, then the affine step."""
+
+    peer = "openvino"
+
+    def time_openvino(self, case, dtype, layout):
+        self.run()
+
+
+class JAX(_Peer):
+    """JAX/XLA on the CPU, a jitted mean / variance / rsqrt."""
+
+    peer = "jax"
+
+    def time_jax(self, case, dtype, layout):
+        self.run()
 
 
 class Backward:
@@ -113,8 +126,6 @@ class Backward:
     def setup(self, case, dtype, layout):
         import instnorm_numba
 
-        if not hasattr(instnorm_numba, "instance_norm_backward"):
-            raise NotImplementedError("this version has no instance_norm_backward")
         self.fn = instnorm_numba.instance_norm_backward
         self.x, self.w, self.b, self.out, self.dy = data(case, dtype, layout)
         self.axis = channel_axis(layout)
@@ -136,17 +147,7 @@ class TorchBackward:
     timeout = 300
 
     def setup(self, case, dtype, layout):
-        torch, F = common.torch_or_skip()
-        t, w, b, self.g = common.torch_tensors(case, dtype, layout)
-        self.t = t.detach().clone().requires_grad_(True)
-        self.w = w.clone().requires_grad_(True)
-        self.b = b.clone().requires_grad_(True)
-        self.torch = torch
-        try:
-            self.y = F.instance_norm(self.t, weight=self.w, bias=self.b, eps=1e-5)
-            self.time_torch_backward(case, dtype, layout)
-        except RuntimeError as exc:
-            raise NotImplementedError(str(exc)) from None
+        self.run = common.torch_backward(case, dtype, layout)
 
     def time_torch_backward(self, case, dtype, layout):
-        self.torch.autograd.grad(self.y, (self.t, self.w, self.b), self.g, retain_graph=True)
+        self.run()

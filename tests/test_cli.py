@@ -32,9 +32,9 @@ def test_info_shows_the_threading_layer(capsys):
 
 NO_LAYER_CLI = r"""
 import json, warnings
-from instnorm_numba import _bench, _jit, cli
+from instnorm_numba import _bench, _jit, benchmark, cli
 _jit._libtbb_path = lambda: None  # as if the tbb package were absent: tbb cannot load
-_bench.SUITE = (_bench.Case("tiny", (2, 3, 64)),)
+_bench.SUITE = (benchmark.Case("tiny", small=True),)
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
     rc_info = cli.main(["info"])
@@ -112,9 +112,9 @@ def test_bad_arguments_are_argument_errors_before_any_work(argv, match, tmp_path
 
 
 def test_bench_contended_reports_idle_and_contended(tmp_path, monkeypatch, capsys):
-    from instnorm_numba import _bench, _contention, cli
+    from instnorm_numba import _contention, benchmark, cli
 
-    monkeypatch.setattr(_bench, "SUITE", (_bench.Case("tiny", (2, 3, 4096)),))
+    monkeypatch.setattr(benchmark, "SUITE", (benchmark.Case("tiny", small=True),))
     started = []
     burners = _contention.burners
 

@@ -30,7 +30,13 @@ def test_readme_examples():
 
 @pytest.mark.parametrize(
     "module",
-    [m for m in ("instnorm_numba._api", "instnorm_numba.layers", "instnorm_numba.reference")],
+    [
+        "instnorm_numba._api",
+        "instnorm_numba.layers",
+        "instnorm_numba.reference",
+        "instnorm_numba.benchmark",
+        "instnorm_numba._pool",
+    ],
 )
 def test_docstring_examples(module):
     try:

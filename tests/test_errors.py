@@ -12,6 +12,7 @@ import pytest
 from conftest import result_of, run_python
 
 import instnorm_numba
+from instnorm_numba import output_pool
 
 PUBLIC = set(instnorm_numba.__all__) - {"__version__"}
 HAVE_BACKWARD = "instance_norm_backward" in PUBLIC
@@ -878,6 +879,45 @@ if HAVE_LAYERS:
             r'parameter named "running_var", .*masks are not supported',
         ),
     ]
+
+# the output pool's settings (moved from tests/test_pool.py); a refused setting changes nothing
+E += [
+    (
+        "output_pool",
+        "pool-negative-bytes",
+        lambda: output_pool(max_bytes=-1),
+        ValueError,
+        r"max_bytes must be >= 0; got -1",
+    ),
+    (
+        "output_pool",
+        "pool-float-buffers",
+        lambda: output_pool(max_buffers=1.5),
+        TypeError,
+        r"max_buffers must be an integer; got 1\.5",
+    ),
+    (
+        "output_pool",
+        "pool-bool-min",
+        lambda: output_pool(min_bytes=True),
+        TypeError,
+        r"min_bytes must be an integer; got True",
+    ),
+    (
+        "output_pool",
+        "pool-string-bytes",
+        lambda: output_pool(max_bytes="1GB"),
+        TypeError,
+        r"max_bytes must be an integer; got '1GB'",
+    ),
+    (
+        "output_pool",
+        "pool-huge-bytes",
+        lambda: output_pool(max_bytes=2**200),
+        ValueError,
+        r"max_bytes must be at most 2\*\*63 - 1; got 1606938\d{54}$",
+    ),
+]
 
 ERROR_TABLE = E
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import run_python
 
-from instnorm_numba import _kernels as K
+from instnorm_numba._kernels import elements as K  # the element conversions
 
 IMPLS = [
     pytest.param("soft", id="soft"),
@@ -154,7 +154,7 @@ def test_feature_detection(monkeypatch, features, expect):
 
 def test_generic_cpu_uses_fallback():
     # NUMBA_CPU_NAME=generic compiles for a CPU without F16C: the portable code is chosen
-    code = "from instnorm_numba import _kernels as K; print(K.HAS_F16C)"
+    code = "from instnorm_numba._kernels import elements as K; print(K.HAS_F16C)"
     res = run_python(code, env={"NUMBA_CPU_NAME": "generic"}, unset=["NUMBA_CPU_FEATURES"])
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "False"

@@ -75,10 +75,10 @@ def test_read_only_install_imports_and_computes_with_one_warning(tmp_path):
     (probe / "probe.py").write_text("def f(a):\n    return a + 1\n")
     # __pycache__ as a regular file: Numba's in-tree cache cannot be created even by root;
     # and read-only permissions on top, for the non-root case
-    for d in (pkg, probe):
+    for d in (pkg, pkg / "_kernels", probe):
         (d / "__pycache__").write_text("")
     blocker = _make_unwritable(tmp_path)
-    for d in (pkg, probe):
+    for d in (pkg, pkg / "_kernels", probe):
         for p in [d, *d.rglob("*")]:
             p.chmod(0o555 if p.is_dir() else 0o444)
     try:
@@ -92,7 +92,7 @@ def test_read_only_install_imports_and_computes_with_one_warning(tmp_path):
         }
         res = result_of(run_python(READ_ONLY_SCRIPT, env=env, cwd=tmp_path))
     finally:
-        for d in (pkg, probe):
+        for d in (pkg, pkg / "_kernels", probe):
             for p in [d, *d.rglob("*")]:
                 p.chmod(0o755 if p.is_dir() else 0o644)
     assert res["numba_refuses"], "the setup did not make Numba's cache unusable"
@@ -128,6 +128,12 @@ def _leak_calls():
             instnorm_numba.instance_norm(x.astype(np.float16)[:, :, ::2], channel_axis=-1),
         )
     }
+    big = r.standard_normal((1, 8, 256, 256)).astype(np.float32)  # 2 MiB results: pooled
+    calls["output_pool"] = lambda: (
+        instnorm_numba.output_pool(),
+        instnorm_numba.instance_norm(big),
+        instnorm_numba.instance_norm(big, channel_axis=-1),
+    )
     if HAVE_BACKWARD:
         _, mean, rstd = instnorm_numba.instance_norm(x, w, return_stats=True)
         calls["instance_norm_backward"] = lambda: (

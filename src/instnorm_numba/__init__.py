@@ -5,6 +5,7 @@ each kernel compiles (or loads from the on-disk cache) at its first use.
 """
 
 from ._api import instance_norm, instance_norm_backward
+from ._pool import output_pool
 from .layers import InstanceNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "instance_norm",
     "instance_norm_backward",
+    "output_pool",
     "InstanceNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _kernels as K
+from . import _pool
 from ._duck import refuse_or_convert
 from ._jit import dispatch, jit_disabled, num_threads, shield_compilation
 
@@ -265,12 +266,11 @@ def prepare_output(lay: Layout, x: np.ndarray, out, dtype: np.dtype):
     partly overlap the input; otherwise into a temporary copied into ``out`` afterwards, so
     a partial overlap never gives wrong values.
     """
-    if out is None:
-        y = np.empty(lay.canonical_shape, dtype)
-        result = lay.restore(y)
-        if lay.copied and lay.axis not in (1, x.ndim - 1):
-            return y, None, np.empty(x.shape, dtype)  # middle channel axis: C-ordered result
-        return y, result, None
+    if out is None:  # (results from the pool: reused once no one holds them, see _pool)
+        if lay.copied and lay.axis not in (1, x.ndim - 1):  # middle channel axis: C-ordered
+            return np.empty(lay.canonical_shape, dtype), None, _pool.empty(x.shape, dtype)
+        y = _pool.empty(lay.canonical_shape, dtype)
+        return y, lay.restore(y), None
     ov = lay.view(out)
     if ov is not None:
         if lay.copied or not np.may_share_memory(out, x) or _same_memory(ov, lay.data):

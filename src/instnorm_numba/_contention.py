@@ -2,7 +2,7 @@
 one CPU-burning process per core, so that "the default install stays fast on a busy machine"
 stays measured.
 
-Self-contained on purpose: it reads the case list and the timing helper of ``_bench`` but
+Self-contained on purpose: it reads the case table of ``benchmark`` but
 adds nothing to it.  The burners are child processes of this one, started and stopped here
 (by their own pids), so an interrupted run leaves nothing spinning.
 """
@@ -73,12 +73,12 @@ def measure(cases, *, seconds: float, most: int = 300, rounds: int = 3) -> list[
     with the median over the rounds."""
     import numpy as np
 
-    from . import _bench
     from ._api import instance_norm
+    from .benchmark import make_input
 
     rows = []
     for case in cases:
-        x, weight, bias = _bench.make_input(case)
+        x, weight, bias = make_input(case)
         out = np.empty_like(x)
         ax = case.channel_axis
 
@@ -112,12 +112,13 @@ def measure(cases, *, seconds: float, most: int = 300, rounds: int = 3) -> list[
 def main(args) -> int:
     """The contended run of ``instnorm-numba bench``; exit status 0 (the figures are the
     result: a timing never fails a run on a shared machine)."""
-    from . import _bench, _jit
+    from . import _jit
+    from .benchmark import SUITE
 
     quick = bool(getattr(args, "quick", False))
     json_path = getattr(args, "json", None)
     threads = _jit.num_threads()
-    cases = list(_bench.SUITE)
+    cases = list(SUITE)
     if quick:
         cases = cases[:4]
     print(

@@ -1,11 +1,20 @@
 """Compilation and threading policy shared by every kernel.
 
-Two jobs live here, and nothing else:
+Three jobs live here, and nothing else:
 
-* ``kernel(...)``: the one decorator ``_kernels.py`` uses.  It compiles lazily (never at
-  import), caches on disk when a cache directory is writable and falls back to in-memory
-  compilation with a single warning when none is, and for parallel kernels also builds a
-  serial twin from the same source (``prange`` runs as ``range``).
+* ``kernel(...)``: the one decorator the ``_kernels`` package uses, with one of the named
+  fast-math flag sets (``FM_STRICT``, ``FM_REDUCE``, ``FM_APPLY``).  It compiles lazily (never
+  at import), and for parallel kernels also builds a serial twin from the same source
+  (``prange`` runs as ``range``).
+* The on-disk cache, made safe for a package of many files.  Numba checks a cached kernel only
+  against the source file of the kernel itself (Numba issue #1833): a change to a helper in
+  another module, or to the options in ``_decorate`` below, would leave stale machine code.
+  Every kernel's cache is therefore stamped with one hash of the contents of every module of
+  ``_kernels`` and of this file (``SOURCE_STAMP``), through a cache class installed on each
+  dispatcher by the decorator (no process-wide Numba setting is changed).  When the stamp
+  differs from the one a cache index was written with, Numba drops that index and recompiles,
+  as it does when a kernel's own file changes.  Without a writable cache directory, or if
+  Numba's private caching classes change shape, kernels compile in memory, with one warning.
 * ``dispatch(...)``: the one place the API decides between the parallel kernel and its serial
   twin: small inputs, a forked child of a parent whose OpenMP pool is live, and concurrent
   callers on Numba's non-thread-safe ``workqueue`` layer all take the serial twin.
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import importlib.metadata
 import os
 import re
@@ -28,10 +38,30 @@ import warnings
 
 import numba
 
-__all__ = ["kernel", "dispatch", "threading_layer", "num_threads", "describe", "cache_enabled"]
+__all__ = [
+    "FM_APPLY",
+    "FM_REDUCE",
+    "FM_STRICT",
+    "kernel",
+    "dispatch",
+    "threading_layer",
+    "num_threads",
+    "describe",
+    "cache_enabled",
+]
+
+# Fast-math flag sets, one per kind of loop; every kernel names one of them.
+#: strict IEEE arithmetic: shifts, merges, compensation, anything that must not be reassociated
+FM_STRICT = frozenset()
+#: block sums: reassociation is what lets the reductions vectorize
+FM_REDUCE = frozenset({"reassoc", "nsz", "contract"})
+#: the apply ``y = d * a + b``: one fused multiply-add
+FM_APPLY = frozenset({"contract"})
+FLAG_SETS = {"FM_STRICT": FM_STRICT, "FM_REDUCE": FM_REDUCE, "FM_APPLY": FM_APPLY}
 
 _cache_warned = False
 _cache_enabled: bool | None = None
+_StampedCache = None
 
 
 def cache_enabled() -> bool | None:
@@ -39,28 +69,86 @@ def cache_enabled() -> bool | None:
     return _cache_enabled
 
 
+#: the files whose contents can change a kernel's machine code
+_STAMPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_kernels")
+
+
+def _source_stamp() -> str:
+    """One hash of every module of ``_kernels`` and of this file (contents, not mtimes)."""
+    h = hashlib.sha256()
+    files = sorted(f for f in os.listdir(_STAMPED_DIR) if f.endswith(".py"))
+    for path in [os.path.abspath(__file__)] + [os.path.join(_STAMPED_DIR, f) for f in files]:
+        with open(path, "rb") as fh:
+            h.update(os.path.basename(path).encode() + b"\0" + fh.read() + b"\0")
+    return h.hexdigest()
+
+
+#: the stamp every kernel's cache index carries beside Numba's own (the kernel file's mtime/size)
+SOURCE_STAMP = _source_stamp()
+
+
+def _stamped_cache_class():
+    """A ``numba.core.caching.FunctionCache`` whose index carries ``SOURCE_STAMP`` too.
+
+    Private Numba API (pinned by ``tests/test_cache.py``): ``Cache.__init__`` builds
+    ``self._cache_file = IndexDataCacheFile(cache_path, filename_base, source_stamp)`` from
+    its locator's ``get_source_stamp()``; the subclass rebuilds it with the pair
+    ``(Numba's stamp, SOURCE_STAMP)``.  ``IndexDataCacheFile`` drops an index whose stamp
+    differs, so a changed helper module or decorator option means recompilation.
+    """
+    from numba.core.caching import FunctionCache, IndexDataCacheFile
+
+    class StampedFunctionCache(FunctionCache):
+        def __init__(self, py_func):
+            super().__init__(py_func)
+            self._cache_file = IndexDataCacheFile(
+                cache_path=self._cache_path,
+                filename_base=self._impl.filename_base,
+                source_stamp=(self._impl.locator.get_source_stamp(), SOURCE_STAMP),
+            )
+
+    return StampedFunctionCache
+
+
+def _warn_no_cache(reason: str) -> None:
+    global _cache_warned
+    if not _cache_warned:
+        _cache_warned = True
+        warnings.warn(
+            f"instnorm_numba: {reason}; kernels will be compiled in memory at first use in "
+            "every process.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+
+_NO_DIR = (
+    "no writable cache directory (package directory, NUMBA_CACHE_DIR and ~/.cache are all "
+    "read-only). Set NUMBA_CACHE_DIR to a writable directory to cache them"
+)
+
+
 def _decorate(func, **options):
-    global _cache_warned, _cache_enabled
-    try:
-        dispatcher = numba.njit(cache=True, error_model="numpy", **options)(func)
-        if _cache_enabled is None:
-            _cache_enabled = True
+    global _cache_enabled, _StampedCache
+    dispatcher = numba.njit(cache=False, error_model="numpy", **options)(func)
+    if _cache_enabled is False:
         return dispatcher
+    try:
+        if _StampedCache is None:
+            _StampedCache = _stamped_cache_class()
+        dispatcher._cache = _StampedCache(dispatcher.py_func)
     except RuntimeError as exc:  # numba: "cannot cache function ...: no locator available"
         if "cache" not in str(exc):
             raise
         _cache_enabled = False
-        if not _cache_warned:
-            _cache_warned = True
-            warnings.warn(
-                "instnorm_numba: no writable cache directory (package directory, "
-                "NUMBA_CACHE_DIR and ~/.cache are all read-only); kernels will be compiled "
-                "in memory at first use in every process. Set NUMBA_CACHE_DIR to a writable "
-                "directory to cache them.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        return numba.njit(cache=False, error_model="numpy", **options)(func)
+        _warn_no_cache(_NO_DIR)
+        return dispatcher
+    except (ImportError, AttributeError, TypeError) as exc:  # Numba's private API moved
+        _cache_enabled = False
+        _warn_no_cache(f"Numba's caching internals changed ({type(exc).__name__}: {exc})")
+        return dispatcher
+    _cache_enabled = True
+    return dispatcher
 
 
 def _renamed(func, suffix):
@@ -74,28 +162,37 @@ def _renamed(func, suffix):
     return clone
 
 
+def _numba_fastmath(flags: frozenset):
+    """A named flag set as Numba takes it (a plain set, or False for none)."""
+    return set(flags) if flags else False
+
+
 class ParallelKernel:
     """A parallel kernel and its serial twin, compiled from the same source."""
 
     def __init__(self, func, fastmath):
         self.__name__ = func.__name__
         self.__doc__ = func.__doc__
-        self.parallel = _decorate(func, parallel=True, fastmath=fastmath, nogil=True)
-        self.serial = _decorate(_renamed(func, "_serial"), fastmath=fastmath, nogil=True)
+        fm = _numba_fastmath(fastmath)
+        self.parallel = _decorate(func, parallel=True, fastmath=fm, nogil=True)
+        self.serial = _decorate(_renamed(func, "_serial"), fastmath=fm, nogil=True)
 
     def __call__(self, *args):
         return self.parallel(*args)
 
 
 def kernel(*, fastmath, parallel=False):
-    """Decorator for kernels: ``fastmath`` is an explicit flag set, never True."""
-    if fastmath is True:
-        raise ValueError("use an explicit fastmath flag set, not True (it breaks NaN handling)")
+    """Decorator for kernels: ``fastmath`` is one of the named flag sets (``FLAG_SETS``)."""
+    if not any(fastmath is v for v in FLAG_SETS.values()):
+        raise ValueError(
+            f"fastmath must be one of the named flag sets {sorted(FLAG_SETS)}; got {fastmath!r} "
+            "(fastmath=True assumes no NaN/Inf and breaks NaN handling)"
+        )
 
     def wrap(func):
         if parallel:
             return ParallelKernel(func, fastmath)
-        return _decorate(func, fastmath=fastmath, nogil=True)
+        return _decorate(func, fastmath=_numba_fastmath(fastmath), nogil=True)
 
     return wrap
 

@@ -1,0 +1,370 @@
+"""Channels-last forward: a slab ``x[n]`` of shape ``(L, C)`` per batch element, channels
+contiguous; instance ``(n, c)`` is column ``c``.  No transpose: rows of ``C`` values are walked
+accumulating per-channel vectors.
+
+* Moments (``slab_moments``): blocks of rows sized by ``slab_block_rows`` (in L1), two-pass for
+  float64 and one pass for float32/float16, merged per channel as in ``moments``.  Fewer
+  channels than ``CL_PERIODIC_C`` are swept flat: the rows seen flat are periodic with period
+  ``C``, one accumulator per position of a stretch of ``CL_PERIODIC_ROWS`` rows
+  (``periodic_stretches`` / ``fold_periodic``, shared with the backward).
+* Normalization (``slab_normalize``): folded ``(x - M) * a + b`` over flat stretches of whole
+  rows against tiled coefficients (``tile``), 16 channels at a time in vector IR for float32
+  (``vector.cl_apply_vec``), float32 arithmetic for float16 when ``half32_ok``.
+* ``cl_fused``: one task per slab; ``cl_partial`` + ``cl_apply``: few slabs, split into row
+  chunks across threads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from .._jit import FM_APPLY, FM_REDUCE, FM_STRICT, kernel
+from .elements import (
+    FOLD_LIMIT,
+    _sub,
+    affine_like,
+    cast_like,
+    f64_to_f32_odd,
+    half,
+    half32_ok,
+    to64,
+    wide,
+)
+from .moments import median3, merge_moments, task_span
+from .vector import cl_apply_vec
+
+#: cap on the elements per channels-last row block
+CL_BLOCK_ELEMS = 4096
+CL_MAX_ROWS = 128
+CL_MIN_ROWS = 16
+
+
+# --------------------------------------------------------------------------------------------
+# channels-last building blocks (a slab (L, C) per batch element, channels contiguous)
+
+
+@kernel(fastmath=FM_STRICT)
+def cl_rows_per_block(C):
+    # at least CL_MIN_ROWS rows even when that outgrows L1: every merge of a block into the
+    # running mean rounds it once, and with one row per block (C > 4096) those roundings add
+    # up to more than the float64 guarantee allows
+    return max(CL_MIN_ROWS, min(CL_MAX_ROWS, CL_BLOCK_ELEMS // max(C, 1)))
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_pilot(x2, K):
+    L = x2.shape[0]
+    C = x2.shape[1]
+    if L == 0:
+        K[:] = 0.0
+        return
+    for c in range(C):
+        K[c] = median3(to64(x2[0, c]), to64(x2[L // 2, c]), to64(x2[L - 1, c]))
+
+
+@kernel(fastmath=FM_STRICT)
+def _slab_block_twopass(x2, b, e, K, mb, m2b, sd):
+    """Per-channel block mean and centred sum of squares of rows b..e (vectorized over C),
+    corrected two-pass as ``_block_m2`` (``sd`` is workspace)."""
+    C = x2.shape[1]
+    xs = x2[b:e]
+    nb = xs.shape[0]
+    mb[:] = 0.0
+    m2b[:] = 0.0
+    for i in range(nb):
+        for c in range(C):
+            mb[c] += _sub(to64(xs[i, c]), K[c])
+    for c in range(C):
+        mb[c] /= nb
+        sd[c] = 0.0
+    for i in range(nb):
+        for c in range(C):
+            d = _sub(_sub(to64(xs[i, c]), K[c]), mb[c])
+            sd[c] += d
+            m2b[c] += d * d
+    for c in range(C):
+        mb[c] += sd[c] / nb
+        v = m2b[c] - sd[c] * (sd[c] / nb)
+        m2b[c] = 0.0 if v < 0.0 else v  # (not max(): NaN must survive)
+
+
+#: one-pass (float32/float16) channels-last blocks: elements and rows per block
+CL_BLOCK_ELEMS_ONEPASS = 16384
+CL_MAX_ROWS_ONEPASS = 256
+#: channels-last input with fewer channels than this is swept flat, CL_PERIODIC_ROWS rows at a time
+CL_PERIODIC_C = 16
+CL_PERIODIC_ROWS = 32
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_block_rows(x2):
+    """Rows per block of the channels-last sums, the forward's moments and the backward's
+    alike: two-pass float64 blocks stay in L1 (``cl_rows_per_block``); one-pass float32/float16
+    blocks are larger, since fewer blocks mean fewer strict scalar merges per channel."""
+    C = x2.shape[1]
+    if wide(x2):
+        return cl_rows_per_block(C)
+    rb = max(1, CL_BLOCK_ELEMS_ONEPASS // max(C, 1))
+    if C >= CL_PERIODIC_C:
+        rb = min(CL_MAX_ROWS_ONEPASS, rb)
+    return rb
+
+
+@kernel(fastmath=FM_STRICT)
+def periodic_stretches(nb, C):
+    """How many stretches of CL_PERIODIC_ROWS rows a block of ``nb`` rows sweeps flat.
+
+    With fewer than CL_PERIODIC_C channels the rows, seen flat, are periodic with period C:
+    a stretch of ``W = CL_PERIODIC_ROWS * C`` elements with one accumulator per position is a
+    loop long enough to vectorize, and ``fold_periodic`` folds the positions into channels
+    afterwards.  0: sweep row by row."""
+    if C < CL_PERIODIC_C and nb >= CL_PERIODIC_ROWS:
+        return nb // CL_PERIODIC_ROWS
+    return 0
+
+
+@kernel(fastmath=FM_STRICT)
+def flat_rows(xs, rows):
+    """The first ``rows`` rows of an ``(n, C)`` block seen as one flat run of elements."""
+    return xs[:rows].reshape(rows * xs.shape[1])
+
+
+@kernel(fastmath=FM_STRICT)
+def tile(v, W):
+    """``v`` of shape (C,) repeated to length ``W`` (a multiple of C), to line up with a flat
+    stretch of whole rows."""
+    C = v.shape[0]
+    out = np.empty(W, v.dtype)
+    for q in range(W):
+        out[q] = v[q % C]
+    return out
+
+
+@kernel(fastmath=FM_STRICT)
+def fold_periodic(acc, out):
+    """``out[q % C] += acc[q]``: the per-position accumulators of a periodic stretch, into
+    their channels."""
+    C = out.shape[0]
+    for q in range(acc.shape[0]):
+        out[q % C] += acc[q]
+
+
+@kernel(fastmath=FM_REDUCE)
+def _slab_block_onepass(x2, b, e, K, mb, m2b):
+    """Per-channel block mean and M2 of rows b..e in one pass (float32/float16 input)."""
+    C = x2.shape[1]
+    xs = x2[b:e]
+    nb = xs.shape[0]
+    mb[:] = 0.0
+    m2b[:] = 0.0
+    nfull = periodic_stretches(nb, C)
+    if nfull > 0:  # few channels: periodic flat stretches
+        W = CL_PERIODIC_ROWS * C
+        flat = flat_rows(xs, nfull * CL_PERIODIC_ROWS)
+        kw = tile(K, W)
+        a1 = np.zeros(W)
+        a2 = np.zeros(W)
+        for j in range(nfull):
+            sub = flat[j * W : (j + 1) * W]
+            for k in range(W):
+                d = _sub(to64(sub[k]), kw[k])
+                a1[k] += d
+                a2[k] += d * d
+        fold_periodic(a1, mb)
+        fold_periodic(a2, m2b)
+    i = nfull * CL_PERIODIC_ROWS
+    # four rows per sweep over the channels: a quarter of the accumulator loads and stores
+    # (they, not the arithmetic, bound this loop)
+    while i + 4 <= nb:
+        x0 = xs[i]
+        x1 = xs[i + 1]
+        x2_ = xs[i + 2]
+        x3 = xs[i + 3]
+        for c in range(C):
+            k = K[c]
+            d0 = _sub(to64(x0[c]), k)
+            d1 = _sub(to64(x1[c]), k)
+            d2 = _sub(to64(x2_[c]), k)
+            d3 = _sub(to64(x3[c]), k)
+            mb[c] += (d0 + d1) + (d2 + d3)
+            m2b[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        i += 4
+    while i < nb:
+        xr = xs[i]
+        for c in range(C):
+            d = _sub(to64(xr[c]), K[c])
+            mb[c] += d
+            m2b[c] += d * d
+        i += 1
+    for c in range(C):
+        s1 = mb[c]
+        mb[c] = s1 / nb
+        v = m2b[c] - s1 * mb[c]
+        m2b[c] = 0.0 if v < 0.0 else v
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_moments(x2, r0, r1, K, mean, m2):
+    """Per-channel (mean of x - K, M2) over rows r0..r1 of a slab; returns the row count."""
+    C = x2.shape[1]
+    rb = slab_block_rows(x2)
+    comp = np.zeros(C)
+    mb = np.empty(C)
+    m2b = np.empty(C)
+    sd = np.empty(C)
+    for c in range(C):
+        mean[c] = 0.0
+        m2[c] = 0.0
+    n = 0.0
+    b = r0
+    while b < r1:
+        e = min(b + rb, r1)
+        nb = float(e - b)
+        if wide(x2):
+            _slab_block_twopass(x2, b, e, K, mb, m2b, sd)
+        else:
+            _slab_block_onepass(x2, b, e, K, mb, m2b)
+        for c in range(C):
+            _, mean[c], m2[c], comp[c] = merge_moments(
+                n, mean[c], m2[c], comp[c], nb, mb[c], m2b[c]
+            )
+        n += nb
+        b = e
+    for c in range(C):
+        m2[c] += comp[c]
+    return n
+
+
+@kernel(fastmath=FM_APPLY)
+def slab_apply(x2, y2, r0, r1, K, cm, a, b):
+    C = x2.shape[1]
+    xs = x2[r0:r1]
+    ys = y2[r0:r1]
+    for i in range(xs.shape[0]):
+        for c in range(C):
+            d = _sub(_sub(to64(xs[i, c]), K[c]), cm[c])
+            ys[i, c] = cast_like(d * a[c] + b[c], ys)
+
+
+#: the channels-last apply sweeps stretches of whole rows of about this many elements
+CL_APPLY_STRETCH = 256
+
+
+@kernel(fastmath=FM_APPLY)
+def _slab_apply_folded(x2, y2, r0, r1, M, a, b):
+    """``y = (x - M) * a + b`` per channel over rows r0..r1, swept flat: stretches of whole
+    rows (about CL_APPLY_STRETCH elements) against coefficients tiled to the same length.
+
+    Row by row, a row of C = 64 float32 is exactly one pass of LLVM's vector body, preceded
+    by its overlap checks on five arrays: 0.31 ns an element, twice the channels-first apply.
+    One long loop per stretch pays those once."""
+    C = x2.shape[1]
+    xs = x2[r0:r1]
+    ys = y2[r0:r1]
+    n = xs.shape[0]
+    rows = max(1, CL_APPLY_STRETCH // max(C, 1))
+    W = rows * C
+    nfull = n // rows
+    i0 = nfull * rows
+    xf = flat_rows(xs, i0)
+    yf = flat_rows(ys, i0)
+    mw = tile(M, W)
+    aw = tile(a, W)
+    bw = tile(b, W)
+    for j in range(nfull):
+        xsub = xf[j * W : (j + 1) * W]
+        ysub = yf[j * W : (j + 1) * W]
+        for k in range(W):
+            ysub[k] = affine_like(xsub[k], mw[k], aw[k], bw[k], ysub)
+    xr = xs[i0:]
+    yr = ys[i0:]
+    for i in range(xr.shape[0]):
+        for c in range(C):
+            yr[i, c] = affine_like(xr[i, c], M[c], a[c], b[c], yr)
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_normalize(x2, y2, r0, r1, K, cm, a, b):
+    """``y = ((x - K) - cm) * a + b`` per channel; one subtraction when the dtype leaves room
+    (see ``row_normalize``)."""
+    if not wide(x2):
+        C = x2.shape[1]
+        M = np.empty(C)
+        fold = True
+        h32 = half(x2)
+        for c in range(C):
+            M[c] = K[c] + cm[c]
+            if not abs(M[c] * a[c]) <= FOLD_LIMIT:
+                fold = False
+            if not half32_ok(M[c], a[c], b[c]):
+                h32 = False
+        if h32:  # float16 in float32 arithmetic (see "float16 data" above)
+            M32 = np.empty(C, np.float32)
+            a32 = np.empty(C, np.float32)
+            b32 = np.empty(C, np.float32)
+            for c in range(C):
+                M32[c] = np.float32(M[c])
+                a32[c] = np.float32(a[c])
+                b32[c] = f64_to_f32_odd(b[c])
+            _slab_apply_folded(x2, y2, r0, r1, M32, a32, b32)
+            return
+        if fold:
+            # (few channels would fill a fraction of each 16-lane vector: swept flat instead)
+            if C < CL_PERIODIC_C or not cl_apply_vec(x2, y2, r0, r1, M, a, b):
+                _slab_apply_folded(x2, y2, r0, r1, M, a, b)
+            return
+    slab_apply(x2, y2, r0, r1, K, cm, a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# channels-last kernels
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_fused(x, y, w, b, eps, mean_out, var_out):
+    """One task per batch element: per-channel statistics of its slab, then normalization."""
+    N = x.shape[0]
+    L = x.shape[1]
+    C = x.shape[2]
+    for n in prange(N):
+        K = np.empty(C)
+        cm = np.empty(C)
+        m2 = np.empty(C)
+        a = np.empty(C)
+        slab_pilot(x[n], K)
+        slab_moments(x[n], 0, L, K, cm, m2)
+        for c in range(C):
+            var = m2[c] / L
+            a[c] = (1.0 / np.sqrt(var + eps)) * w[c]
+            mean_out[n, c] = K[c] + cm[c]
+            var_out[n, c] = var
+        slab_normalize(x[n], y[n], 0, L, K, cm, a, b)
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_partial(x, nchunks, K_out, pn, pmean, pm2):
+    """Per-channel moments of ``nchunks`` row chunks of every slab: tasks ``N * nchunks``."""
+    N = x.shape[0]
+    L = x.shape[1]
+    C = x.shape[2]
+    for t in prange(N * nchunks):
+        n, j, s, e = task_span(t, nchunks, L)
+        K = np.empty(C)
+        slab_pilot(x[n], K)
+        pn[n, j] = slab_moments(x[n], s, e, K, pmean[n, j], pm2[n, j])
+        if j == 0:
+            K_out[n, :] = K
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_apply(x, y, nchunks, K, cm, a, b):
+    """``y = ((x - K) - cm) * a + b`` with per-(n, c) K, cm, a, b: tasks ``N * nchunks``, in
+    the reverse order of ``cl_partial``'s (see ``cf_apply``)."""
+    N = x.shape[0]
+    L = x.shape[1]
+    T = N * nchunks
+    for t0 in prange(T):
+        t = T - 1 - t0
+        n, j, s, e = task_span(t, nchunks, L)
+        slab_normalize(x[n], y[n], s, e, K[n], cm[n], a[n], b[n])
