@@ -656,3 +656,26 @@ def test_public_names():
         import instnorm_numba.layers as layers
     src = pathlib.Path(layers.__file__).read_text()
     assert "_kernels" not in src  # built on _api only (house style)
+
+
+def test_eval_with_zero_running_var_and_eps_zero_is_quiet():
+    """Found by the reseeded layer property test: eval mode with running_var 0 and eps=0
+    raised numpy's "divide by zero" RuntimeWarning (an error under -W error) from the layer's
+    own rstd, where instance_norm answers quietly with inf/NaN, as torch does."""
+    m = InstanceNorm1d(1, eps=0.0, track_running_stats=True, momentum=1.0)
+    m(np.full((1, 1, 2), 12.57, np.float32))  # a constant instance: running_var becomes 0
+    assert m.running_var[0] == 0
+    m.eval()
+    x = np.array([[[12.57, 13.0]]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = m(x)
+        want = instnorm_numba.instance_norm(
+            x,
+            running_mean=m.running_mean,
+            running_var=m.running_var,
+            eps=0.0,
+            use_input_stats=False,
+        )
+    np.testing.assert_array_equal(y, want)
+    assert not np.isfinite(y).any()

@@ -67,14 +67,16 @@ def _median_ms(fn, seconds: float, most: int, least: int = 5) -> float:
     return times[len(times) // 2] * 1e3
 
 
-def measure(cases, *, seconds: float, most: int = 300) -> list[dict]:
-    """For each case: the median call (out=) idle, then beside the burners; one dict each."""
+def measure(cases, *, seconds: float, most: int = 300, rounds: int = 3) -> list[dict]:
+    """For each case: the median call (out=) idle and beside the burners, in ``rounds``
+    alternating rounds (other work on a shared machine then hits both alike); one dict each,
+    with the median over the rounds."""
     import numpy as np
 
     from ._api import instance_norm
     from .benchmark import make_input
 
-    prepared = []
+    rows = []
     for case in cases:
         x, weight, bias = make_input(case)
         out = np.empty_like(x)
@@ -83,24 +85,27 @@ def measure(cases, *, seconds: float, most: int = 300) -> list[dict]:
         def call(x=x, weight=weight, bias=bias, out=out, ax=ax):
             instance_norm(x, weight, bias, channel_axis=ax, out=out)
 
-        prepared.append((case, x, call))
-    rows = []
-    for case, x, call in prepared:
+        idle, busy, count = [], [], 0
+        for _ in range(rounds):
+            idle.append(_median_ms(call, seconds / rounds, most))
+            with burners() as procs:
+                busy.append(_median_ms(call, seconds / rounds, most))
+                count = len(procs)
+        idle_ms, busy_ms = sorted(idle)[rounds // 2], sorted(busy)[rounds // 2]
         rows.append(
             {
                 "case": case.name,
                 "shape": list(x.shape),
                 "dtype": str(x.dtype),
                 "mb": x.nbytes / 1e6,
-                "idle_ms": _median_ms(call, seconds, most),
+                "idle_ms": idle_ms,
+                "contended_ms": busy_ms,
+                "ratio": busy_ms / idle_ms,
+                "burners": count,
+                "rounds": rounds,
             }
         )
-    with burners() as procs:
-        for row, (_case, _x, call) in zip(rows, prepared, strict=True):
-            row["contended_ms"] = _median_ms(call, seconds, most)
-            row["burners"] = len(procs)
-    for row in rows:
-        row["ratio"] = row["contended_ms"] / row["idle_ms"]
+        del x, out
     return rows
 
 
@@ -126,7 +131,7 @@ def main(args) -> int:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        rows = measure(cases, seconds=0.3 if quick else 1.5)
+        rows = measure(cases, seconds=0.3 if quick else 3.0, rounds=1 if quick else 3)
     width = max(len(r["case"]) for r in rows)
     print(f"{'case':<{width}}  {'MB':>7}  {'idle ms':>9}  {'contended ms':>12}  ratio")
     for r in rows:

@@ -300,7 +300,7 @@ class InstanceNorm:
         )
         if not use_input_stats:  # the constants of the normalization, per channel
             mean = np.array(self.running_mean, dtype=np.float64)
-            with np.errstate(divide="ignore", invalid="ignore"):  # var + eps == 0: inf, as _api
+            with np.errstate(divide="ignore", invalid="ignore"):  # var 0, eps 0: inf, as _api
                 rstd = 1.0 / np.sqrt(np.asarray(self.running_var, dtype=np.float64) + self.eps)
         self._saved = _Saved(x, axis, unbatched, use_input_stats, mean, rstd, y.dtype)
         return y[0] if unbatched else y
