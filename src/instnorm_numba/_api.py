@@ -330,6 +330,13 @@ def apply_affine(lay: Layout, y: np.ndarray, shift, a, b):
 # the public function
 
 
+def _is_dask(*arrays) -> bool:
+    """Dask arrays go to ``instnorm_numba.dask`` (told apart without importing Dask)."""
+    return any(
+        type(a).__module__.startswith("dask.") and hasattr(a, "__dask_graph__") for a in arrays
+    )
+
+
 def instance_norm(
     x,
     weight=None,
@@ -397,6 +404,14 @@ def instance_norm(
     array([[ 2.5],
            [15. ]])
     """
+    if _is_dask(x):  # a Dask array in, a lazy Dask array out (``instnorm_numba.dask``)
+        from . import dask as _dask
+
+        return _dask.instance_norm(
+            x, weight, bias, eps=eps, channel_axis=channel_axis, running_mean=running_mean,
+            running_var=running_var, use_input_stats=use_input_stats, momentum=momentum,
+            out=out, return_stats=return_stats,
+        )  # fmt: skip
     x = as_input(x)
     axis = normalize_channel_axis(channel_axis, x.ndim)
     dtype = result_dtype(x.dtype)
@@ -585,6 +600,12 @@ def instance_norm_backward(grad_output, x, mean, rstd, weight=None, *, channel_a
     >>> dw, db  # sum(dy * xhat), sum(dy)
     (array([-1.34164079]), array([5.]))
     """
+    if _is_dask(grad_output, x):  # Dask arrays in, lazy Dask arrays out
+        from . import dask as _dask
+
+        return _dask.instance_norm_backward(
+            grad_output, x, mean, rstd, weight, channel_axis=channel_axis, out=out
+        )
     x = as_input(x)
     axis = normalize_channel_axis(channel_axis, x.ndim)
     dtype = result_dtype(x.dtype)
