@@ -10,10 +10,13 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 da = pytest.importorskip("dask.array", reason="dask is not installed")
 dask = pytest.importorskip("dask", reason="dask is not installed")
 
+from instnorm_numba import dask as dask_impl  # noqa: E402
 from instnorm_numba import (  # noqa: E402
     instance_moments,
     instance_norm,
@@ -22,7 +25,6 @@ from instnorm_numba import (  # noqa: E402
     moments_to_stats,
     normalize_with_stats,
 )
-from instnorm_numba import dask as dask_impl  # noqa: E402
 from instnorm_numba import reference as ref  # noqa: E402
 
 TOL_EPS = {np.dtype(np.float16): 1.0, np.dtype(np.float32): 1.0, np.dtype(np.float64): 4.0}
@@ -109,6 +111,37 @@ def test_forward_any_chunking(name, dtype, offset, channel_axis):
 def test_forward_middle_channel_axis_3d(chunks):
     x = data((2, 5, 3, 6, 8), "float64", 1e4, chunks)  # channel axis 2, C = 3
     check_forward(x, chunks, 2)
+
+
+def test_forward_thousand_parts_per_instance():
+    # 1000 parts per instance: three levels of the merge tree (SPLIT_EVERY = 16)
+    x = data((1, 2, 4000), "float64", 1e4, "thousand") * 1e-3
+    check_forward(x, (1, 1, 4), 1)
+    check_forward(x.astype(np.float32), (1, 2, 3), 1)
+
+
+@st.composite
+def chunked_inputs(draw):
+    ndim = draw(st.integers(3, 4))
+    shape = tuple(draw(st.integers(1, 9)) for _ in range(ndim))
+    chunks = []
+    for s in shape:
+        cuts = sorted(draw(st.sets(st.integers(1, s - 1), max_size=3))) if s > 1 else []
+        edges = [0, *cuts, s]
+        chunks.append(tuple(b - a for a, b in zip(edges[:-1], edges[1:], strict=True)))
+    dtype = draw(st.sampled_from(["float16", "float32", "float64"]))
+    offset = draw(st.sampled_from([0.0, 1e4, -3e3]))
+    channel_axis = draw(st.sampled_from([1, -1]))
+    seed = draw(st.integers(0, 2**16))
+    return shape, tuple(chunks), dtype, offset, channel_axis, seed
+
+
+@settings(max_examples=40, deadline=None)
+@given(chunked_inputs())
+def test_forward_random_chunkings(case):
+    shape, chunks, dtype, offset, channel_axis, seed = case
+    x = data(shape, dtype, offset if dtype != "float16" else offset / 100, seed)
+    check_forward(x, chunks, channel_axis)
 
 
 def test_forward_byteswapped_and_fortran():

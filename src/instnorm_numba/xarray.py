@@ -10,6 +10,8 @@ array stays lazy.  xarray is imported only when this module's function is called
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from . import _api
@@ -17,14 +19,19 @@ from . import _api
 __all__ = ["instance_norm"]
 
 
-def _np_instance_norm(x, w, b, *, k, eps):
-    """The in-memory call on a block whose last ``k`` axes are the normalized dims."""
+def _np_instance_norm(x, w, b, *, k, eps, in_task):
+    """The in-memory call on a block whose last ``k`` axes are the normalized dims (serial
+    kernels when it is one of many Dask tasks)."""
+    from .dask import _task_threads
+
     lead = x.shape[: x.ndim - k]
     P = int(np.prod(lead))
     x3 = x.reshape((1, P) + x.shape[x.ndim - k :])
     wv = np.broadcast_to(w, lead).reshape(P)
     bv = np.broadcast_to(b, lead).reshape(P)
-    return _api.instance_norm(x3, wv, bv, eps=eps, channel_axis=1).reshape(x.shape)
+    with _task_threads() if in_task else contextlib.nullcontext():
+        y = _api.instance_norm(x3, wv, bv, eps=eps, channel_axis=1)
+    return y.reshape(x.shape)
 
 
 def _param(v, name, da, others):
@@ -163,7 +170,7 @@ def instance_norm(da, dims, *, weight=None, bias=None, eps=1e-5):
             output_core_dims=[list(dims)],
             dask="parallelized",
             output_dtypes=[dtype],
-            kwargs={"k": len(dims), "eps": eps},
+            kwargs={"k": len(dims), "eps": eps, "in_task": is_dask_array(data)},
         )
         return da.copy(data=res.transpose(*da.dims).data)
     t = da.transpose(*others, *dims)
