@@ -33,13 +33,13 @@ def _worker_memory(dask_worker):
 
     data = dask_worker.data
     fast = getattr(getattr(data, "fast", None), "total_weight", None)
-    slow = getattr(getattr(data, "slow", None), "total_weight", None)
     if fast is None:
         fast = sum(getattr(v, "nbytes", 0) for v in data.values())
+    spilled = getattr(data, "spilled_total", None)  # distributed's SpillBuffer
     return {
         "rss": psutil.Process().memory_info().rss,
         "managed": int(fast or 0),
-        "spilled": int(getattr(slow, "total", slow) or 0) if slow is not None else 0,
+        "spilled": int(spilled.memory) if spilled is not None else 0,
     }
 
 
