@@ -151,13 +151,15 @@ def _pick(t, i):
 # the tasks (module-level functions: they travel to distributed workers by pickle)
 
 
-def _fused_block(block, w, b, *, geo, eps):
-    """Every spatial axis in this chunk: the in-memory call; (y, mean, rstd)."""
+def _fused_block(block, w, b, *, geo, eps, stats=True):
+    """Every spatial axis in this chunk: the in-memory call; (y, mean, rstd), or y alone."""
     arr, ca = geo.canon(block)
     with _task_threads():
         y, mean, rstd = _api.instance_norm(
             arr, w.reshape(-1), b.reshape(-1), eps=eps, channel_axis=ca, return_stats=True
         )
+    if not stats:
+        return y.reshape(block.shape)
     ishape = geo.inst_shape(block.shape)
     return y.reshape(block.shape), mean.reshape(ishape), rstd.reshape(ishape)
 
@@ -312,10 +314,17 @@ def _spatial_split(x, geo) -> bool:
 # the graphs
 
 
-def _fused(x, geo, w, b, eps, dtype):
-    """(y, mean, rstd): one in-memory call per chunk (every spatial axis in one chunk)."""
+def _fused(x, geo, w, b, eps, dtype, want_stats=True):
+    """(y, mean, rstd): one in-memory call per chunk (every spatial axis in one chunk); with
+    ``want_stats`` False, ``mean`` and ``rstd`` are None and each chunk is one task."""
     da = _da()
     ind, iind, pind = geo.index, geo.inst_index, geo.param_index
+    if not want_stats:
+        y = da.blockwise(
+            _fused_block, ind, x, ind, w, pind, b, pind, geo=geo, eps=eps, stats=False,
+            concatenate=True, meta=np.empty((0,) * x.ndim, dtype),
+        )  # fmt: skip
+        return y, None, None
     obj = np.empty((0,) * x.ndim, dtype=object)
     t = da.blockwise(
         _fused_block, ind, x, ind, w, pind, b, pind, geo=geo, eps=eps, meta=obj,
@@ -402,8 +411,9 @@ def _bound_source(x, parents):
     return bind(x, parents)
 
 
-def normalize(x, geo: Geometry, w, b, eps, *, stats="input", two_pass=None):
-    """The core: ``(y, mean, rstd, var)`` as Dask arrays (``var`` None on the fused path).
+def normalize(x, geo: Geometry, w, b, eps, *, stats="input", two_pass=None, want_stats=True):
+    """The core: ``(y, mean, rstd, var)`` as Dask arrays (``var`` None on the fused path;
+    ``mean`` and ``rstd`` too there without ``want_stats``).
 
     ``w``, ``b``: Dask arrays over ``geo.param_index``.  ``stats``: ``"input"`` (lazy),
     ``"computed"`` (statistics computed now, NumPy), or a tuple ``(mean, var)`` of Dask
@@ -421,7 +431,7 @@ def normalize(x, geo: Geometry, w, b, eps, *, stats="input", two_pass=None):
         return y, st[..., _ST_MEAN], st[..., _ST_RSTD], rv
     split = _spatial_split(x, geo)
     if stats == "input" and not split:
-        y, mean, rstd = _fused(x, geo, w, b, eps, dtype)
+        y, mean, rstd = _fused(x, geo, w, b, eps, dtype, want_stats)
         return y, mean, rstd, None
     shift, st = _statistics(x, geo, eps)
     if stats == "computed":
@@ -545,7 +555,9 @@ def instance_norm(
         y, mean, rstd, _ = normalize(x, geo, w, b, eps, stats=(rm, rv))
     else:
         how = "computed" if update else "input"
-        y, mean, rstd, var = normalize(x, geo, w, b, eps, stats=how, two_pass=two_pass)
+        y, mean, rstd, var = normalize(
+            x, geo, w, b, eps, stats=how, two_pass=two_pass, want_stats=bool(return_stats)
+        )
         if update and N > 0:
             mean_v, var_v = (np.asarray(v) for v in _compute(mean, var))
             with np.errstate(all="ignore"):

@@ -184,7 +184,7 @@ def instance_norm(da, dims, *, weight=None, bias=None, eps=1e-5):
         x = x[None]
         geo = Geometry(x.ndim, (0,), None)
         ws, bs = ws[None], bs[None]
-    y = normalize(x, geo, ws, bs, eps)[0]
+    y = normalize(x, geo, ws, bs, eps, want_stats=False)[0]
     if not others:
         y = y[0]
     return da.copy(data=t.copy(data=y).transpose(*da.dims).data)
