@@ -7,7 +7,9 @@ medians of ``--repeat`` runs, every ratio taken within one run.
    ``da.from_array``): ``instance_norm(x)`` in memory against
    ``instance_norm(da.from_array(x, chunks)).compute()`` (graph building included) for a
    chunking with whole spatial axes (the fused per-chunk path) and one with split spatial
-   axes (moments, merge, apply: two passes over the data).  Also the fused path with Numba's
+   axes (moments, merge, apply: two passes over the data); and ``da.store`` of the result
+   into a preallocated array against the in-memory call with ``out=`` (no final
+   concatenation on either side).  Also the fused path with Numba's
    own threads inside each task (``TASK_THREADS = 2``) against serial tasks.
 2. **Workers**: a lazily generated input (seeded random, on the workers) normalized and
    reduced to per-instance sums on a ``LocalCluster`` of 1 and of 2 single-threaded worker
@@ -47,6 +49,9 @@ def overhead(shape, chunkings, repeat, dtype="float32"):
     out = {"shape": shape, "dtype": dtype, "MB": x.nbytes / 1e6}
     ms_mem = _median_ms(lambda: instance_norm(x), repeat)
     out["in-memory ms"] = ms_mem
+    y = np.empty_like(x)
+    ms_out = _median_ms(lambda: instance_norm(x, out=y), repeat)
+    out["in-memory out= ms"] = ms_out
     rows = []
     for name, chunks in chunkings.items():
         X = da.from_array(x, chunks=chunks)
@@ -54,10 +59,17 @@ def overhead(shape, chunkings, repeat, dtype="float32"):
         def run(X=X):
             return instance_norm(X).compute(scheduler="threads")
 
+        buf = np.empty_like(x)
+
+        def store(X=X, buf=buf):
+            da.store(instance_norm(X), buf, lock=False, scheduler="threads")
+
         row = {"chunking": name, "chunks": str(chunks), "tasks": X.npartitions}
         with dask.config.set(num_workers=2):
             row["dask ms"] = _median_ms(run, repeat)
+            row["dask store ms"] = _median_ms(store, repeat)
         row["dask / in-memory"] = row["dask ms"] / ms_mem
+        row["dask store / in-memory out="] = row["dask store ms"] / ms_out
         if name.startswith("whole"):
             old = inx_dask.TASK_THREADS
             inx_dask.TASK_THREADS = 2
