@@ -362,7 +362,8 @@ def instance_norm(
     x : array_like, ndim >= 3
         Axis 0 is the batch; ``channel_axis`` is the channel axis; every other axis is spatial.
         float16, float32 and float64 keep their dtype; integers and bools give float64, as
-        ``np.mean`` does. Other dtypes raise ``TypeError``.
+        ``np.mean`` does. Other dtypes raise ``TypeError``. A Dask array gives a lazy Dask
+        array (see ``instnorm_numba.dask``).
     weight, bias : array_like of shape (C,), optional
         Per-channel scale and offset (default 1 and 0).
     eps : float, default 1e-5
@@ -566,6 +567,8 @@ def instance_norm_backward(grad_output, x, mean, rstd, weight=None, *, channel_a
         shape and the forward's result dtype (byte order aside).
     x : array_like, ndim >= 3
         The forward's input, as for :func:`instance_norm` (same dtypes, layouts, strides).
+        With ``x`` or ``grad_output`` a Dask array, every result is a lazy Dask array
+        (see ``instnorm_numba.dask``).
     mean, rstd : array_like of shape (N, C)
         Exactly what ``instance_norm(x, ..., return_stats=True)`` returned (float64).
     weight : array_like of shape (C,), optional
