@@ -151,7 +151,10 @@ def main(argv=None):
         },
         a.repeat,
     )
-    results["workers"] = workers((4, 8, 128, 128, 128), (1, 2, 128, 128, 64), max(3, a.repeat // 2))
+    shape = (4, 8, 128, 128, 128)
+    rep = max(3, a.repeat // 2)
+    results["workers, whole spatial"] = workers(shape, (1, 2, 128, 128, 128), rep)
+    results["workers, spatial split"] = workers(shape, (1, 2, 128, 128, 64), rep)
     text = json.dumps(results, indent=2, default=float)
     print(text)
     if a.json:
