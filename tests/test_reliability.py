@@ -1392,6 +1392,47 @@ if HAVE_LAYERS:
         ),
     ]
 
+# the moments building blocks (issue 14)
+E += [
+    (
+        "Moments",
+        "missing-fields",
+        lambda: instnorm_numba.Moments(1, 2),
+        TypeError,
+        r"missing 2 required positional arguments",
+    ),
+    (
+        "instance_moments",
+        "shift-shape",
+        lambda: instnorm_numba.instance_moments(np.ones((2, 3, 4)), shift=np.zeros(3)),
+        ValueError,
+        r"^shift must have shape \(2, 3\) to match N=2 samples and C=3 channels",
+    ),
+    (
+        "merge_moments",
+        "not-moments",
+        lambda: instnorm_numba.merge_moments((1, 2, 3, 4)),
+        TypeError,
+        r"^parts\[0\] must be a Moments",
+    ),
+    (
+        "moments_to_stats",
+        "eps-negative",
+        lambda: instnorm_numba.moments_to_stats(
+            instnorm_numba.instance_moments(np.ones((2, 3, 4))), eps=-1.0
+        ),
+        ValueError,
+        r"^eps must be >= 0",
+    ),
+    (
+        "normalize_with_stats",
+        "rstd-shape",
+        lambda: instnorm_numba.normalize_with_stats(np.ones((2, 3, 4)), np.zeros((2, 3)), 1.0),
+        ValueError,
+        r"^rstd must have shape \(2, 3\)",
+    ),
+]
+
 ERROR_TABLE = E
 
 
@@ -1462,6 +1503,23 @@ def _leak_calls():
         calls["instance_norm_backward"] = lambda: (
             instnorm_numba.instance_norm_backward(dy, x, mean, rstd, w),
             instnorm_numba.instance_norm_backward(dy, x, mean, rstd, w, out=out),
+        )
+    if "instance_moments" in PUBLIC:  # the moments building blocks (issue 14)
+        m = instnorm_numba.instance_moments(x)
+        mean, rstd = instnorm_numba.moments_to_stats(m)
+        calls.update(
+            {
+                "Moments": lambda: instnorm_numba.Moments(*m),
+                "instance_moments": lambda: (
+                    instnorm_numba.instance_moments(x),
+                    instnorm_numba.instance_moments(x[:, :, :8], shift=m.shift),
+                ),
+                "merge_moments": lambda: instnorm_numba.merge_moments(m, m, m),
+                "moments_to_stats": lambda: instnorm_numba.moments_to_stats(m),
+                "normalize_with_stats": lambda: instnorm_numba.normalize_with_stats(
+                    x, m.mean_offset, rstd, w, b, shift=m.shift, out=out
+                ),
+            }
         )
     if HAVE_LAYERS:
         shapes = {
