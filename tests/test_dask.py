@@ -107,7 +107,9 @@ def test_forward_any_chunking(name, dtype, offset, channel_axis):
     check_forward(x, chunks, channel_axis, r.uniform(0.5, 2, 3), r.standard_normal(3))
 
 
-@pytest.mark.parametrize("chunks", [(1, 2, 2, 6, 4), (2, 3, 5, 3, 8), (1, 1, 4, 3, 2)])
+@pytest.mark.parametrize(
+    "chunks", [(1, 5, 2, 6, 8), (1, 2, 2, 6, 4), (2, 3, 5, 3, 8), (1, 1, 4, 3, 2)]
+)
 def test_forward_middle_channel_axis_3d(chunks):
     x = data((2, 5, 3, 6, 8), "float64", 1e4, chunks)  # channel axis 2, C = 3
     check_forward(x, chunks, 2)
