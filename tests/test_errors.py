@@ -919,6 +919,47 @@ E += [
     ),
 ]
 
+# the moments building blocks (issue 14)
+E += [
+    (
+        "Moments",
+        "missing-fields",
+        lambda: instnorm_numba.Moments(1, 2),
+        TypeError,
+        r"missing 2 required positional arguments",
+    ),
+    (
+        "instance_moments",
+        "shift-shape",
+        lambda: instnorm_numba.instance_moments(np.ones((2, 3, 4)), shift=np.zeros(3)),
+        ValueError,
+        r"^shift must have shape \(2, 3\) to match N=2 samples and C=3 channels",
+    ),
+    (
+        "merge_moments",
+        "not-moments",
+        lambda: instnorm_numba.merge_moments((1, 2, 3, 4)),
+        TypeError,
+        r"^parts\[0\] must be a Moments",
+    ),
+    (
+        "moments_to_stats",
+        "eps-negative",
+        lambda: instnorm_numba.moments_to_stats(
+            instnorm_numba.instance_moments(np.ones((2, 3, 4))), eps=-1.0
+        ),
+        ValueError,
+        r"^eps must be >= 0",
+    ),
+    (
+        "normalize_with_stats",
+        "rstd-shape",
+        lambda: instnorm_numba.normalize_with_stats(np.ones((2, 3, 4)), np.zeros((2, 3)), 1.0),
+        ValueError,
+        r"^rstd must have shape \(2, 3\)",
+    ),
+]
+
 ERROR_TABLE = E
 
 
@@ -1063,7 +1104,8 @@ def _matrix(a):
 REFUSED = {
     # MASKS: the masks issue replaces this row with real support (a mask honoured)
     "masked": (lambda a: np.ma.masked_array(a, np.zeros(a.shape, bool)), "a numpy.ma.Masked"),
-    # DASK: the Dask issue replaces this row with real support (lazy, chunk-wise)
+    # dask arrays as x / grad_output of the functions are normalized lazily (tests/test_dask.py,
+    # DASK_HANDLED below); as any other argument, and to the layers, they are refused
     "dask": (_dask, "a dask array"),
     "xarray": (_xarray, r"an xarray\.DataArray: use instnorm_numba\.xarray"),
     "torch-requires-grad": (
@@ -1147,10 +1189,20 @@ IN_PLACE = {("instance_norm", "running_mean"), ("instance_norm", "running_var")}
 IN_PLACE |= {(f, "out") for f in ("instance_norm", "instance_norm_backward")}
 
 
+#: (function, argument) where a Dask array is handled, not refused: see tests/test_dask.py
+DASK_HANDLED = {
+    ("instance_norm", "x"),
+    ("instance_norm_backward", "x"),
+    ("instance_norm_backward", "grad_output"),
+}
+
+
 def _duck_cases(kinds):
     for fname, (_, args) in DUCK_CALLS.items():
         for arg in args:
             for kind in kinds:
+                if kind == "dask" and (fname, arg) in DASK_HANDLED:
+                    continue
                 yield pytest.param(fname, arg, kind, id=f"{fname}-{arg}-{kind}")
 
 

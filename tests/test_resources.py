@@ -134,6 +134,23 @@ def _leak_calls():
         instnorm_numba.instance_norm(big),
         instnorm_numba.instance_norm(big, channel_axis=-1),
     )
+    # the moments building blocks (issue 14)
+    m = instnorm_numba.instance_moments(x)
+    m_mean, m_rstd = instnorm_numba.moments_to_stats(m)
+    calls.update(
+        {
+            "Moments": lambda: instnorm_numba.Moments(*m),
+            "instance_moments": lambda: (
+                instnorm_numba.instance_moments(x),
+                instnorm_numba.instance_moments(x[:, :, :8], shift=m.shift),
+            ),
+            "merge_moments": lambda: instnorm_numba.merge_moments(m, m, m),
+            "moments_to_stats": lambda: instnorm_numba.moments_to_stats(m),
+            "normalize_with_stats": lambda: instnorm_numba.normalize_with_stats(
+                x, m.mean_offset, m_rstd, w, b, shift=m.shift, out=out
+            ),
+        }
+    )
     if HAVE_BACKWARD:
         _, mean, rstd = instnorm_numba.instance_norm(x, w, return_stats=True)
         calls["instance_norm_backward"] = lambda: (

@@ -5,6 +5,13 @@ each kernel compiles (or loads from the on-disk cache) at its first use.
 """
 
 from ._api import instance_norm, instance_norm_backward
+from ._moments_api import (
+    Moments,
+    instance_moments,
+    merge_moments,
+    moments_to_stats,
+    normalize_with_stats,
+)
 from ._pool import output_pool
 from .layers import InstanceNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 
@@ -18,5 +25,10 @@ __all__ = [
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
+    "Moments",
+    "instance_moments",
+    "merge_moments",
+    "moments_to_stats",
+    "normalize_with_stats",
     "__version__",
 ]

@@ -361,6 +361,13 @@ def apply_affine(lay: Layout, y: np.ndarray, shift, a, b):
 # the public function
 
 
+def _is_dask(*arrays) -> bool:
+    """Dask arrays go to ``instnorm_numba.dask`` (told apart without importing Dask)."""
+    return any(
+        type(a).__module__.startswith("dask.") and hasattr(a, "__dask_graph__") for a in arrays
+    )
+
+
 def instance_norm(
     x,
     weight=None,
@@ -386,7 +393,8 @@ def instance_norm(
     x : array_like, ndim >= 3
         Axis 0 is the batch; ``channel_axis`` is the channel axis; every other axis is spatial.
         float16, float32 and float64 keep their dtype; integers and bools give float64, as
-        ``np.mean`` does. Other dtypes raise ``TypeError``.
+        ``np.mean`` does. Other dtypes raise ``TypeError``. A Dask array gives a lazy Dask
+        array (see ``instnorm_numba.dask``).
     weight, bias : array_like of shape (C,), optional
         Per-channel scale and offset (default 1 and 0).
     eps : float, default 1e-5
@@ -428,6 +436,14 @@ def instance_norm(
     array([[ 2.5],
            [15. ]])
     """
+    if _is_dask(x):  # a Dask array in, a lazy Dask array out (``instnorm_numba.dask``)
+        from . import dask as _dask
+
+        return _dask.instance_norm(
+            x, weight, bias, eps=eps, channel_axis=channel_axis, running_mean=running_mean,
+            running_var=running_var, use_input_stats=use_input_stats, momentum=momentum,
+            out=out, return_stats=return_stats,
+        )  # fmt: skip
     x = as_input(x)
     axis = normalize_channel_axis(channel_axis, x.ndim)
     dtype = result_dtype(x.dtype)
@@ -582,6 +598,8 @@ def instance_norm_backward(grad_output, x, mean, rstd, weight=None, *, channel_a
         shape and the forward's result dtype (byte order aside).
     x : array_like, ndim >= 3
         The forward's input, as for :func:`instance_norm` (same dtypes, layouts, strides).
+        With ``x`` or ``grad_output`` a Dask array, every result is a lazy Dask array
+        (see ``instnorm_numba.dask``).
     mean, rstd : array_like of shape (N, C)
         Exactly what ``instance_norm(x, ..., return_stats=True)`` returned (float64).
     weight : array_like of shape (C,), optional
@@ -616,6 +634,12 @@ def instance_norm_backward(grad_output, x, mean, rstd, weight=None, *, channel_a
     >>> dw, db  # sum(dy * xhat), sum(dy)
     (array([-1.34164079]), array([5.]))
     """
+    if _is_dask(grad_output, x):  # Dask arrays in, lazy Dask arrays out
+        from . import dask as _dask
+
+        return _dask.instance_norm_backward(
+            grad_output, x, mean, rstd, weight, channel_axis=channel_axis, out=out
+        )
     x = as_input(x)
     axis = normalize_channel_axis(channel_axis, x.ndim)
     dtype = result_dtype(x.dtype)

@@ -21,6 +21,8 @@ The modules, one family each (read them in this order; ``vector`` may be skipped
 ``slabs``          channels-last forward, and the slab helpers the backward shares
 ``slabs_backward`` channels-last backward
 ``roofline``       the parallel copy the benchmarks time as the speed limit
+``chunks``         an input held in parts (Dask chunks): one part's moments around a given
+                   shift, the parts' exact merge, compensated sums of the backward's parts
 =================  ===========================================================================
 
 Which path runs (NB: the one table; ``_api.layout_plan`` computes ``parallel`` and ``nchunks``
@@ -55,6 +57,16 @@ backward                             the same choice of fused / split kernels
                                      first rows of at least ``BWD_FOLD_MIN`` elements and every
                                      channels-last slab use the folded apply when it is exact
                                      enough (``moments.bwd_fold``)
+an input in parts (``dask``, the     spatial axes in one part: the paths above on each part.
+public moments API), spatial axes    Otherwise ``cf_chunk_shift`` / ``cl_chunk_shift`` on
+split                                the part holding each instance's first elements, then
+                                     ``cf_chunk_moments`` / ``cl_chunk_moments`` of every
+                                     part around that shift, ``merge_chunks`` over the parts
+                                     (a tree), and ``cf_apply`` / ``cl_apply`` per part
+                                     (``nchunks=1``); the backward: ``cf_bwd_partial`` /
+                                     ``cl_bwd_partial`` per part, ``add_chunks``,
+                                     ``bwd_finish``, ``cf_bwd_apply`` / ``cl_bwd_apply``.
+                                     Serial twins inside each part's task
 ===================================  =========================================================
 
 Fast-math flags come from the named sets in ``_jit`` (``FM_STRICT``, ``FM_REDUCE``,
@@ -67,6 +79,14 @@ NaN/Inf.  The on-disk cache of every kernel is stamped with the contents of this
 
 from __future__ import annotations
 
+from .chunks import (
+    add_chunks,
+    cf_chunk_moments,
+    cf_chunk_shift,
+    cl_chunk_moments,
+    cl_chunk_shift,
+    merge_chunks,
+)
 from .elements import FOLD_LIMIT as FOLD_LIMIT
 from .elements import HAS_F16C as HAS_F16C
 from .moments import bwd_finish, merge_partials
@@ -100,4 +120,10 @@ __all__ = [
     "cl_bwd_apply",
     "bwd_finish",
     "copy_chunks",
+    "cf_chunk_shift",
+    "cl_chunk_shift",
+    "cf_chunk_moments",
+    "cl_chunk_moments",
+    "merge_chunks",
+    "add_chunks",
 ]
