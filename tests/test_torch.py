@@ -636,8 +636,12 @@ def test_client_network_training_matches_torch(name, cl, calls):
 # --------------------------------------------------------------------------------------------
 # torch.compile (slow: a compilation takes tens of seconds on 2 cores)
 
+#: inductor itself (torch 2.13) touches torch.jit.script_method, which warns; not our code
+INDUCTOR_WARNING = "ignore:.torch.jit.script_method. is deprecated:DeprecationWarning"
+
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings(INDUCTOR_WARNING)
 def test_compile_training_step_fullgraph(calls):
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -671,6 +675,7 @@ def test_compile_training_step_fullgraph(calls):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings(INDUCTOR_WARNING)
 def test_compile_inference_channels_last_3d(calls):
     torch._dynamo.reset()
     torch.manual_seed(0)

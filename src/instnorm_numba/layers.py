@@ -103,6 +103,10 @@ class InstanceNorm:
     track_running_stats : bool, default False
         Keep ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``
         (a 0-d int64 array, 0).
+    bias : bool, default True
+        Keyword only, as in ``torch.nn`` (2.1 and later). With ``affine``, False keeps the
+        ``weight`` but no ``bias`` (``bias`` is None, no ``"bias"`` in the state dict). Without
+        ``affine`` it changes nothing.
     channel_axis : int, default 1
         Keyword only. The channel axis of the input (1, or -1 for channels-last; never 0).
     dtype : float16, float32 or float64, default float32
@@ -146,6 +150,7 @@ class InstanceNorm:
         affine: bool = False,
         track_running_stats: bool = False,
         *,
+        bias: bool = True,
         channel_axis: int = 1,
         dtype=np.float32,
     ) -> None:
@@ -160,6 +165,8 @@ class InstanceNorm:
             raise TypeError(f"affine must be a bool; got {affine!r}")
         if not _is_bool(track_running_stats):
             raise TypeError(f"track_running_stats must be a bool; got {track_running_stats!r}")
+        if not _is_bool(bias):
+            raise TypeError(f"bias must be a bool; got {bias!r}")
         if _is_bool(channel_axis) or not isinstance(channel_axis, numbers.Integral):
             raise TypeError(f"channel_axis must be an integer; got {channel_axis!r}")
         if channel_axis == 0:
@@ -177,7 +184,7 @@ class InstanceNorm:
         self.training = True
         C, dt = self.num_features, self.dtype
         self.weight = np.ones(C, dt) if self.affine else None
-        self.bias = np.zeros(C, dt) if self.affine else None
+        self.bias = np.zeros(C, dt) if self.affine and bias else None
         if self.track_running_stats:
             self.running_mean = np.zeros(C, dt)
             self.running_var = np.ones(C, dt)
@@ -213,12 +220,14 @@ class InstanceNorm:
         self.reset_running_stats()
         if self.affine:
             self.weight[...] = 1
-            self.bias[...] = 0
+            if self.bias is not None:
+                self.bias[...] = 0
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
         )
 
     def __repr__(self) -> str:
@@ -341,7 +350,7 @@ class InstanceNorm:
             gx, gw, gb = self._backward_fixed_stats(dy, s)
         if self.affine:
             self.grad_weight = np.asarray(gw, dtype=self.dtype)
-            self.grad_bias = np.asarray(gb, dtype=self.dtype)
+            self.grad_bias = None if self.bias is None else np.asarray(gb, dtype=self.dtype)
         return gx[0] if s.unbatched else gx
 
     def _backward_fixed_stats(self, dy, s):
@@ -547,10 +556,18 @@ class _InstanceNormNd(InstanceNorm):
         affine: bool = False,
         track_running_stats: bool = False,
         *,
+        bias: bool = True,
         dtype=np.float32,
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, channel_axis=1, dtype=dtype
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            bias=bias,
+            channel_axis=1,
+            dtype=dtype,
         )
 
     def _check_input_dim(self, x):
