@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from ._api import (
     _fmt_shape,
@@ -152,7 +153,7 @@ class InstanceNorm:
         *,
         bias: bool = True,
         channel_axis: int = 1,
-        dtype=np.float32,
+        dtype: DTypeLike = np.float32,
     ) -> None:
         if _is_bool(num_features) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"num_features must be an integer; got {num_features!r}")
@@ -183,28 +184,30 @@ class InstanceNorm:
         self.dtype = _layer_dtype(dtype)
         self.training = True
         C, dt = self.num_features, self.dtype
-        self.weight = np.ones(C, dt) if self.affine else None
-        self.bias = np.zeros(C, dt) if self.affine and bias else None
+        self.weight: np.ndarray | None = np.ones(C, dt) if self.affine else None
+        self.bias: np.ndarray | None = np.zeros(C, dt) if self.affine and bias else None
+        self.running_mean: np.ndarray | None = None
+        self.running_var: np.ndarray | None = None
+        self.num_batches_tracked: np.ndarray | None = None
         if self.track_running_stats:
             self.running_mean = np.zeros(C, dt)
             self.running_var = np.ones(C, dt)
             self.num_batches_tracked = np.array(0, dtype=np.int64)
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
-        self.grad_weight = self.grad_bias = None
+        self.grad_weight: np.ndarray | None = None
+        self.grad_bias: np.ndarray | None = None
         self._saved = None
 
     # ---------------------------------------------------------------------------------------
     # module-like plumbing
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> InstanceNorm:
         """Set training mode (``mode=False`` is eval mode); return self."""
         if not _is_bool(mode):
             raise TypeError(f"mode must be a bool; got {mode!r}")
         self.training = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> InstanceNorm:
         """Set eval mode; return self."""
         return self.train(False)
 
@@ -248,11 +251,11 @@ class InstanceNorm:
     def _feature_dim(self, x: np.ndarray) -> int:
         return normalize_channel_axis(self.channel_axis, x.ndim)
 
-    def __call__(self, x):
+    def __call__(self, x: ArrayLike) -> np.ndarray:
         """Same as :meth:`forward`."""
         return self._forward(x)
 
-    def forward(self, x):
+    def forward(self, x: ArrayLike) -> np.ndarray:
         """Normalize ``x``; update the running statistics in training mode when tracking.
 
         Returns an ndarray of ``x``'s shape with ``instance_norm``'s result dtype.
@@ -310,7 +313,7 @@ class InstanceNorm:
     # ---------------------------------------------------------------------------------------
     # backward
 
-    def backward(self, grad_output):
+    def backward(self, grad_output: ArrayLike) -> np.ndarray:
         """Gradient of the last :meth:`forward` with respect to its input.
 
         Parameters
@@ -382,7 +385,7 @@ class InstanceNorm:
         names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, np.ndarray]:
         """PyTorch's keys and values: copies of the parameters and buffers that are not None.
 
         ``weight``, ``bias``, ``running_mean``, ``running_var`` (shape ``(num_features,)``,
@@ -390,7 +393,9 @@ class InstanceNorm:
         """
         return {k: np.array(v, copy=True) for k, v in self._local_state().items()}
 
-    def load_state_dict(self, state_dict, strict: bool = True) -> IncompatibleKeys:
+    def load_state_dict(
+        self, state_dict: Mapping[str, ArrayLike], strict: bool = True
+    ) -> IncompatibleKeys:
         """Load parameters and buffers, reporting missing and unexpected keys like PyTorch.
 
         Parameters
@@ -557,7 +562,7 @@ class _InstanceNormNd(InstanceNorm):
         track_running_stats: bool = False,
         *,
         bias: bool = True,
-        dtype=np.float32,
+        dtype: DTypeLike = np.float32,
     ) -> None:
         super().__init__(
             num_features,
