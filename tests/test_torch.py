@@ -693,3 +693,29 @@ def test_compile_inference_channels_last_3d(calls):
         ty = theirs(x)
     assert calls["forward"] == len(norms(ours))
     close(y, ty, 2e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# the measuring script (scripts/bench_torch.py) runs: tiny shapes, eager only
+
+
+def test_bench_script_quick(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_torch.py"
+    spec = importlib.util.spec_from_file_location("bench_torch", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    out = tmp_path / "bench.json"
+    try:
+        res = mod.main(["--quick", "--budget", "0", "--budget-net", "0", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text())["meta"]["threads"] == 2
+    assert len(res["layers"]) == 4 and len(res["networks"]) == 4
+    for row in res["layers"] + res["networks"]:
+        assert row["max_abs_diff"] < 1e-4, row
+        assert all(v > 0 for v in row["ms"].values())
