@@ -59,10 +59,12 @@ class UNetBlock(nn.Module):
 
 
 class DynUNet(nn.Module):
-    """DynUNet-style: strided-conv encoder (filters ``widths``), transposed-conv decoder with
-    skip concatenations, 1x1x1 head. Widths (32, 64, 128, 256) give 14 InstanceNorm3d."""
+    """MONAI DynUNet-style: strided-conv encoder (filters ``widths``, stride 1 then 2),
+    transposed-conv decoder with skip concatenations, 1x1x1 head. The default is nnU-Net's
+    3-D configuration for 96^3 patches (filters 32, 64, 128, 256, 320, 320: 96^3 down to 3^3),
+    with 22 InstanceNorm3d(affine=True)."""
 
-    def __init__(self, cin=1, cout=3, widths=(32, 64, 128, 256)):
+    def __init__(self, cin=1, cout=3, widths=(32, 64, 128, 256, 320, 320)):
         super().__init__()
         self.enc = nn.ModuleList()
         c = cin

@@ -299,6 +299,13 @@ def instance_norm(
 # modules
 
 
+if not hasattr(nn.modules.instancenorm._InstanceNorm, "_apply_instance_norm"):  # pragma: no cover
+    raise ImportError(
+        f"instnorm_numba.torch needs torch.nn.InstanceNorm*d._apply_instance_norm (PyTorch "
+        f"2.x); this PyTorch ({torch.__version__}) has none"
+    )
+
+
 class _KernelForward:
     """Mixin: ``torch.nn.InstanceNorm*d``'s forward with :func:`instance_norm` in place of
     ``F.instance_norm``. Everything else (checks, unbatched input, state) is the torch class's."""
