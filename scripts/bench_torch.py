@@ -246,6 +246,8 @@ def network_cases(quick):
 def end_to_end(args):
     rows = []
     for name, make, shape in network_cases(args.quick):
+        if args.network and name != args.network:
+            continue
         torch.manual_seed(0)
         theirs = make().eval()
         ours = bridge.convert(copy.deepcopy(theirs)).eval()
@@ -305,6 +307,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny shapes, eager only")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--only", choices=("layers", "networks"), default=None)
+    p.add_argument("--network", choices=("DynUNet", "StyleNet"), default=None, help="only this")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
