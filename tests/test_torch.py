@@ -708,12 +708,15 @@ def test_bench_script_quick(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("bench_torch", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    threads = torch.get_num_threads()
+    import numba
+
+    threads, nb_threads = torch.get_num_threads(), numba.get_num_threads()
     out = tmp_path / "bench.json"
     try:
         res = mod.main(["--quick", "--budget", "0", "--budget-net", "0", "--json", str(out)])
-    finally:
+    finally:  # the script sets both thread counts for its process
         torch.set_num_threads(threads)
+        numba.set_num_threads(nb_threads)
     assert json.loads(out.read_text())["meta"]["threads"] == 2
     assert len(res["layers"]) == 4 and len(res["networks"]) == 4
     for row in res["layers"] + res["networks"]:
