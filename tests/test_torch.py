@@ -722,3 +722,15 @@ def test_bench_script_quick(tmp_path, monkeypatch):
     for row in res["layers"] + res["networks"]:
         assert row["max_abs_diff"] < 1e-4, row
         assert all(v > 0 for v in row["ms"].values())
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_large_outputs_keep_the_memory_format(cl):
+    """Outputs from 4 MiB up are allocated with a huge-page hint: same strides and results."""
+    x = in_format(torch.randn(1, 8, 64, 64, 64), cl)  # 8 MiB
+    assert x.numel() * x.element_size() >= bridge.HUGEPAGE_MIN_BYTES
+    y = bridge._empty_like(x)
+    assert y.stride() == torch.empty_like(x).stride() and y.dtype == x.dtype
+    out = bridge.instance_norm(x)
+    assert out.stride() == x.stride()
+    close(out, F.instance_norm(x), 4 * EPS[torch.float32])
