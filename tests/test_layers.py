@@ -440,8 +440,8 @@ def test_defaults_and_attributes():
     assert a.bias.tolist() == [0.0] * 4 and a.running_var.tolist() == [1.0] * 4
     assert a.running_mean.tolist() == [0.0] * 4 and a.num_batches_tracked == 0
     assert repr(a) == (
-        "InstanceNorm1d(4, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, "
-        "dtype=float16)"
+        "InstanceNorm1d(4, eps=1e-05, momentum=0.1, affine=True, bias=True, "
+        "track_running_stats=True, dtype=float16)"
     )
     assert m.eval() is m and not m.training
     assert m.train() is m and m.training

@@ -7,8 +7,10 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _kernels as K
 from . import _pool
@@ -48,6 +50,11 @@ def result_dtype(dtype: np.dtype, name: str = "x") -> np.dtype:
         )
     if dtype.kind in "iub":
         return np.dtype(np.float64)
+    if dtype.name == "bfloat16":  # ml_dtypes' (JAX, ONNX tooling): refused, see README
+        raise TypeError(
+            f"{name} has dtype bfloat16, which is not supported: convert it to float32 first "
+            f"(every bfloat16 value is exact in float32)"
+        )
     raise TypeError(f"{name} must have a real floating, integer or bool dtype; got dtype {dtype}")
 
 
@@ -368,20 +375,71 @@ def _is_dask(*arrays) -> bool:
     )
 
 
+@overload
 def instance_norm(
-    x,
-    weight=None,
-    bias=None,
+    x: ArrayLike,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
     *,
-    eps=1e-5,
-    channel_axis=1,
-    running_mean=None,
-    running_var=None,
-    use_input_stats=True,
-    momentum=0.1,
-    out=None,
-    return_stats=False,
-):
+    eps: float = 1e-5,
+    channel_axis: int = 1,
+    running_mean: np.ndarray | None = None,
+    running_var: np.ndarray | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    out: np.ndarray | None = None,
+    return_stats: Literal[False] = False,
+) -> np.ndarray: ...
+
+
+@overload
+def instance_norm(
+    x: ArrayLike,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    eps: float = 1e-5,
+    channel_axis: int = 1,
+    running_mean: np.ndarray | None = None,
+    running_var: np.ndarray | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    out: np.ndarray | None = None,
+    return_stats: Literal[True],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+@overload
+def instance_norm(
+    x: ArrayLike,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    eps: float = 1e-5,
+    channel_axis: int = 1,
+    running_mean: np.ndarray | None = None,
+    running_var: np.ndarray | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    out: np.ndarray | None = None,
+    return_stats: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+def instance_norm(
+    x: ArrayLike,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    eps: float = 1e-5,
+    channel_axis: int = 1,
+    running_mean: np.ndarray | None = None,
+    running_var: np.ndarray | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    out: np.ndarray | None = None,
+    return_stats: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Instance normalization: normalize every ``(n, c)`` slice over its spatial elements.
 
     ``y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]``, where ``mean`` and the biased
@@ -575,7 +633,16 @@ def backward_sweeps(lay: Layout, gk: np.ndarray, dx: np.ndarray, mean, rstd, w):
     return sdy, sdyx
 
 
-def instance_norm_backward(grad_output, x, mean, rstd, weight=None, *, channel_axis=1, out=None):
+def instance_norm_backward(
+    grad_output: ArrayLike,
+    x: ArrayLike,
+    mean: ArrayLike,
+    rstd: ArrayLike,
+    weight: ArrayLike | None = None,
+    *,
+    channel_axis: int = 1,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of :func:`instance_norm` (statistics from the input, i.e. training mode).
 
     With ``xhat = (x - mean) * rstd`` and both means taken per instance ``(n, c)`` over its

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from ._api import (
     _fmt_shape,
@@ -105,6 +106,10 @@ class InstanceNorm:
     track_running_stats : bool, default False
         Keep ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``
         (a 0-d int64 array, 0).
+    bias : bool, default True
+        Keyword only, as in ``torch.nn`` (2.1 and later). With ``affine``, False keeps the
+        ``weight`` but no ``bias`` (``bias`` is None, no ``"bias"`` in the state dict). Without
+        ``affine`` it changes nothing.
     channel_axis : int, default 1
         Keyword only. The channel axis of the input (1, or -1 for channels-last; never 0).
     dtype : float16, float32 or float64, default float32
@@ -148,8 +153,9 @@ class InstanceNorm:
         affine: bool = False,
         track_running_stats: bool = False,
         *,
+        bias: bool = True,
         channel_axis: int = 1,
-        dtype=np.float32,
+        dtype: DTypeLike = np.float32,
     ) -> None:
         if _is_bool(num_features) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"num_features must be an integer; got {short_repr(num_features)}")
@@ -166,6 +172,8 @@ class InstanceNorm:
             raise TypeError(f"affine must be a bool; got {affine!r}")
         if not _is_bool(track_running_stats):
             raise TypeError(f"track_running_stats must be a bool; got {track_running_stats!r}")
+        if not _is_bool(bias):
+            raise TypeError(f"bias must be a bool; got {bias!r}")
         if _is_bool(channel_axis) or not isinstance(channel_axis, numbers.Integral):
             raise TypeError(f"channel_axis must be an integer; got {channel_axis!r}")
         if channel_axis == 0:
@@ -182,28 +190,30 @@ class InstanceNorm:
         self.dtype = _layer_dtype(dtype)
         self.training = True
         C, dt = self.num_features, self.dtype
-        self.weight = np.ones(C, dt) if self.affine else None
-        self.bias = np.zeros(C, dt) if self.affine else None
+        self.weight: np.ndarray | None = np.ones(C, dt) if self.affine else None
+        self.bias: np.ndarray | None = np.zeros(C, dt) if self.affine and bias else None
+        self.running_mean: np.ndarray | None = None
+        self.running_var: np.ndarray | None = None
+        self.num_batches_tracked: np.ndarray | None = None
         if self.track_running_stats:
             self.running_mean = np.zeros(C, dt)
             self.running_var = np.ones(C, dt)
             self.num_batches_tracked = np.array(0, dtype=np.int64)
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
-        self.grad_weight = self.grad_bias = None
+        self.grad_weight: np.ndarray | None = None
+        self.grad_bias: np.ndarray | None = None
         self._saved = None
 
     # ---------------------------------------------------------------------------------------
     # module-like plumbing
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> InstanceNorm:
         """Set training mode (``mode=False`` is eval mode); return self."""
         if not _is_bool(mode):
             raise TypeError(f"mode must be a bool; got {mode!r}")
         self.training = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> InstanceNorm:
         """Set eval mode; return self."""
         return self.train(False)
 
@@ -219,12 +229,14 @@ class InstanceNorm:
         self.reset_running_stats()
         if self.affine:
             self.weight[...] = 1
-            self.bias[...] = 0
+            if self.bias is not None:
+                self.bias[...] = 0
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
         )
 
     def __repr__(self) -> str:
@@ -245,11 +257,11 @@ class InstanceNorm:
     def _feature_dim(self, x: np.ndarray) -> int:
         return normalize_channel_axis(self.channel_axis, x.ndim)
 
-    def __call__(self, x):
+    def __call__(self, x: ArrayLike) -> np.ndarray:
         """Same as :meth:`forward`."""
         return self._forward(x)
 
-    def forward(self, x):
+    def forward(self, x: ArrayLike) -> np.ndarray:
         """Normalize ``x``; update the running statistics in training mode when tracking.
 
         Returns an ndarray of ``x``'s shape with ``instance_norm``'s result dtype.
@@ -308,7 +320,7 @@ class InstanceNorm:
     # ---------------------------------------------------------------------------------------
     # backward
 
-    def backward(self, grad_output):
+    def backward(self, grad_output: ArrayLike) -> np.ndarray:
         """Gradient of the last :meth:`forward` with respect to its input.
 
         Parameters
@@ -348,7 +360,7 @@ class InstanceNorm:
             gx, gw, gb = self._backward_fixed_stats(dy, s)
         if self.affine:
             self.grad_weight = np.asarray(gw, dtype=self.dtype)
-            self.grad_bias = np.asarray(gb, dtype=self.dtype)
+            self.grad_bias = None if self.bias is None else np.asarray(gb, dtype=self.dtype)
         return gx[0] if s.unbatched else gx
 
     def _backward_fixed_stats(self, dy, s):
@@ -380,7 +392,7 @@ class InstanceNorm:
         names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, np.ndarray]:
         """PyTorch's keys and values: copies of the parameters and buffers that are not None.
 
         ``weight``, ``bias``, ``running_mean``, ``running_var`` (shape ``(num_features,)``,
@@ -388,7 +400,9 @@ class InstanceNorm:
         """
         return {k: np.array(v, copy=True) for k, v in self._local_state().items()}
 
-    def load_state_dict(self, state_dict, strict: bool = True) -> IncompatibleKeys:
+    def load_state_dict(
+        self, state_dict: Mapping[str, ArrayLike], strict: bool = True
+    ) -> IncompatibleKeys:
         """Load parameters and buffers, reporting missing and unexpected keys like PyTorch.
 
         Parameters
@@ -581,10 +595,18 @@ class _InstanceNormNd(InstanceNorm):
         affine: bool = False,
         track_running_stats: bool = False,
         *,
-        dtype=np.float32,
+        bias: bool = True,
+        dtype: DTypeLike = np.float32,
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, channel_axis=1, dtype=dtype
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            bias=bias,
+            channel_axis=1,
+            dtype=dtype,
         )
 
     def _check_input_dim(self, x):
