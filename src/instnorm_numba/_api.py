@@ -343,6 +343,8 @@ def instance_norm(
     momentum=0.1,
     out=None,
     return_stats=False,
+    mask=None,
+    lengths=None,
 ):
     """Instance normalization: normalize every ``(n, c)`` slice over its spatial elements.
 
@@ -377,6 +379,18 @@ def instance_norm(
         in place.
     return_stats : bool, default False
         Also return ``mean`` and ``rstd = 1 / sqrt(var + eps)``, float64 of shape (N, C).
+    mask : array_like of bool, optional
+        The valid elements (True): shape ``(N, *spatial)``, or ``(N, 1, *spatial)`` /
+        ``(N, C, *spatial)`` in ``x``'s layout (one mask per channel), or anything else
+        broadcastable to ``x`` without enlarging its channel axis.  Statistics come from the
+        valid elements only; invalid positions of the result hold 0.  An instance with no
+        valid element gets NaN statistics, zeros, and stays out of the running statistics
+        (whose variance uses each instance's own count, ``n / (n - 1)``).  A
+        ``numpy.ma.MaskedArray`` ``x`` is normalized with its own mask and gives one back.
+    lengths : array_like of int, shape (N,), optional
+        For ``x`` with one spatial axis: the first ``lengths[n]`` positions of sample ``n``
+        are valid (``0 <= lengths[n] <= L``), the rest is padding.  Faster than the same
+        ``mask``.  At most one of ``mask`` and ``lengths``.
 
     Returns
     -------
@@ -397,6 +411,9 @@ def instance_norm(
     array([[ 2.5],
            [15. ]])
     """
+    ma_mask = None
+    if isinstance(x, np.ma.MaskedArray):  # its mask names the invalid elements (issue 13)
+        x, ma_mask = np.ma.getdata(x), np.ma.getmaskarray(x)
     x = as_input(x)
     axis = normalize_channel_axis(channel_axis, x.ndim)
     dtype = result_dtype(x.dtype)
@@ -429,6 +446,15 @@ def instance_norm(
             f"needs more than 1 spatial element per instance; got x of shape "
             f"{_fmt_shape(x.shape)}"
         )
+
+    if mask is not None or lengths is not None or ma_mask is not None:
+        from . import _masked  # (imports this module)
+
+        valid = _masked.resolve(mask, lengths, ma_mask, x.shape, axis, spatial)
+        return _masked.forward(
+            x, axis, dtype, w, b, eps, running_mean, running_var, use_input_stats, update,
+            momentum, out, return_stats, valid,
+        )  # fmt: skip
 
     lay = canonicalize(x, axis, dtype)
     y, result, target = prepare_output(lay, x, out, dtype)
@@ -528,7 +554,9 @@ def backward_sweeps(lay: Layout, gk: np.ndarray, dx: np.ndarray, mean, rstd, w):
     return sdy, sdyx
 
 
-def instance_norm_backward(grad_output, x, mean, rstd, weight=None, *, channel_axis=1, out=None):
+def instance_norm_backward(
+    grad_output, x, mean, rstd, weight=None, *, channel_axis=1, out=None, mask=None, lengths=None
+):
     """Gradients of :func:`instance_norm` (statistics from the input, i.e. training mode).
 
     With ``xhat = (x - mean) * rstd`` and both means taken per instance ``(n, c)`` over its
@@ -560,6 +588,10 @@ def instance_norm_backward(grad_output, x, mean, rstd, weight=None, *, channel_a
     out : ndarray, optional
         Receives ``grad_input``: shape of ``x``, the result dtype, writeable.
         ``out=grad_output`` works in place.
+    mask, lengths : optional
+        The forward's valid set (see :func:`instance_norm`; a ``numpy.ma.MaskedArray`` ``x``
+        brings its own): the gradients of the masked forward.  Invalid positions of
+        ``grad_input`` are 0 and ``grad_weight`` / ``grad_bias`` sum the valid elements only.
 
     Returns
     -------
@@ -585,6 +617,11 @@ def instance_norm_backward(grad_output, x, mean, rstd, weight=None, *, channel_a
     >>> dw, db  # sum(dy * xhat), sum(dy)
     (array([-1.34164079]), array([5.]))
     """
+    ma_mask = None
+    if isinstance(x, np.ma.MaskedArray):  # its mask names the invalid elements (issue 13)
+        x, ma_mask = np.ma.getdata(x), np.ma.getmaskarray(x)
+    if isinstance(grad_output, np.ma.MaskedArray):
+        grad_output = np.ma.getdata(grad_output)
     x = as_input(x)
     axis = normalize_channel_axis(channel_axis, x.ndim)
     dtype = result_dtype(x.dtype)
@@ -605,6 +642,13 @@ def instance_norm_backward(grad_output, x, mean, rstd, weight=None, *, channel_a
     w = channel_vector(weight, "weight", C, 1.0)
     if out is not None:
         check_out(out, x.shape, dtype)
+
+    if mask is not None or lengths is not None or ma_mask is not None:
+        from . import _masked  # (imports this module)
+
+        L = math.prod(s for i, s in enumerate(x.shape) if i not in (0, axis))
+        valid = _masked.resolve(mask, lengths, ma_mask, x.shape, axis, L)
+        return _masked.backward(g, x, mean, rstd, w, axis, dtype, out, valid)
 
     lay = canonicalize(x, axis, dtype)
     gk, g_copied = as_layout(lay, g, dtype)

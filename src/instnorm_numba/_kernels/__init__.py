@@ -20,6 +20,7 @@ The modules, one family each (read them in this order; ``vector`` may be skipped
 ``rows_backward``  channels-first backward
 ``slabs``          channels-last forward, and the slab helpers the backward shares
 ``slabs_backward`` channels-last backward
+``masked``         masks and lengths (issue 13), both layouts, forward and backward
 =================  ===========================================================================
 
 Which path runs (NB: the one table; ``_api.layout_plan`` computes ``parallel`` and ``nchunks``
@@ -54,6 +55,18 @@ backward                             the same choice of fused / split kernels
                                      first rows of at least ``BWD_FOLD_MIN`` elements and every
                                      channels-last slab use the folded apply when it is exact
                                      enough (``moments.bwd_fold``)
+``lengths=`` (one spatial axis)      ``cf_len_fused`` / ``cl_len_fused``: the dense row or
+                                     slab machinery on the valid prefix ``x[r, :len]`` /
+                                     ``x[n, :len]``, the padding zero-filled; a task per row /
+                                     slab, never split.  ``*_len_apply`` with running
+                                     statistics, ``*_bwd_len_fused`` backward
+``mask=`` (or a MaskedArray)         ``cf_mask_fused``: a row per task, moments with a select
+                                     and a count per block.  ``cl_mask_fused``: a slab per
+                                     task; one mask for all channels is a row mask (all-valid
+                                     blocks and runs of valid rows take the dense block and
+                                     apply kernels), a mask per channel selects each element.
+                                     ``*_mask_apply``, ``*_mask_count``, ``*_bwd_mask_fused``
+every element valid                  the dense kernels (``_masked.forward``)
 ===================================  =========================================================
 
 Fast-math flags come from the named sets in ``_jit`` (``FM_STRICT``, ``FM_REDUCE``,
@@ -71,6 +84,22 @@ from .elements import HAS_F16C as HAS_F16C
 from .elements import _target_has_f16c as _target_has_f16c
 from .elements import f64_to_half as f64_to_half
 from .elements import half_to_f64 as half_to_f64
+from .masked import (
+    cf_bwd_len_fused,
+    cf_bwd_mask_fused,
+    cf_len_apply,
+    cf_len_fused,
+    cf_mask_apply,
+    cf_mask_count,
+    cf_mask_fused,
+    cl_bwd_len_fused,
+    cl_bwd_mask_fused,
+    cl_len_apply,
+    cl_len_fused,
+    cl_mask_apply,
+    cl_mask_count,
+    cl_mask_fused,
+)
 from .moments import bwd_finish, merge_partials
 from .rows import SHORT_ROW as SHORT_ROW
 from .rows import cf_apply, cf_fused, cf_partial, cf_short
@@ -100,4 +129,19 @@ __all__ = [
     "cl_bwd_partial",
     "cl_bwd_apply",
     "bwd_finish",
+    # masks and lengths
+    "cf_len_fused",
+    "cf_len_apply",
+    "cf_bwd_len_fused",
+    "cl_len_fused",
+    "cl_len_apply",
+    "cl_bwd_len_fused",
+    "cf_mask_fused",
+    "cf_mask_apply",
+    "cf_mask_count",
+    "cf_bwd_mask_fused",
+    "cl_mask_fused",
+    "cl_mask_apply",
+    "cl_mask_count",
+    "cl_bwd_mask_fused",
 ]
