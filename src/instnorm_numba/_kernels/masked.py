@@ -45,7 +45,6 @@ from .elements import (
 from .moments import (
     BLOCK,
     BLOCK_ONEPASS,
-    SHIFT_FROM_MEAN,
     bwd_coeffs,
     merge_moments,
     neumaier_add,
@@ -313,14 +312,13 @@ def mblock_moments(x, m, b, e, K):
 
 @kernel(fastmath=FM_STRICT)
 def mrow_shift(x, m, f):
-    """The shift of a masked row whose first valid element is ``x[f]``: that element, or for
-    long float32/float16 rows the mean of the valid elements of the first BLOCK."""
+    """The shift of a masked row whose first valid element is ``x[f]``: the mean of the valid
+    elements among the BLOCK from there.  Close to the row's mean, it keeps the roundings of
+    the block merges small (every merge rounds the running mean of ``x - K``), and bounds the
+    one-pass error as ``row_shift`` does."""
     K = to64(x[f])
-    L = x.shape[0]
-    if L > SHIFT_FROM_MEAN and not wide(x):
-        cnt, s = _mblock_sum(x, m, f, min(L, f + BLOCK), K)
-        K = K + s / cnt
-    return K
+    cnt, s = _mblock_sum(x, m, f, min(x.shape[0], f + BLOCK), K)
+    return K + s / cnt
 
 
 @kernel(fastmath=FM_STRICT)
@@ -704,6 +702,14 @@ def elmask_shift(x2, m2, K):
     for c in range(C):
         if np.isnan(K[c]):
             K[c] = 0.0
+    # then the mean of the valid elements of the first block (see ``mrow_shift``)
+    e = min(L, slab_block_rows(x2))
+    mb = np.empty(C)
+    cnt = np.empty(C)
+    _elmask_block_sum(x2, m2, 0, e, K, mb, cnt)
+    for c in range(C):
+        if cnt[c] > 0.0:
+            K[c] += mb[c] / cnt[c]
 
 
 @kernel(fastmath=FM_REDUCE)
@@ -878,6 +884,10 @@ def cl_mask_fused(x, mask, y, w, b, eps, mean_out, var_out, count_out):
             f = _first_row(m1)
             for c in range(C):
                 K[c] = to64(x2[f, c]) if f >= 0 else 0.0
+            if f >= 0:  # the mean of the first block's valid rows (see ``mrow_shift``)
+                rows = _rowmask_block_sum(x2, m1, f, min(x2.shape[0], f + slab_block_rows(x2)), K, cm)
+                for c in range(C):
+                    K[c] += cm[c] / rows
             rows = rowmask_moments(x2, m1, K, cm, m2)
             for c in range(C):
                 cnt[c] = rows
