@@ -47,16 +47,20 @@ def check(x, *, weight=None, bias=None, channel_axis=1, **kw):
         x, weight, bias, channel_axis=channel_axis, return_stats=True, **kw
     )
     exact, emean, erstd = ref.instance_norm(
-        before, weight, bias, channel_axis=channel_axis, return_stats=True, exact=True, **vkw,
+        before,
+        weight,
+        bias,
+        channel_axis=channel_axis,
+        return_stats=True,
+        exact=True,
+        **vkw,
         **rkw,
     )
     assert y.dtype == ref.result_dtype(before.dtype)
     assert y.shape == before.shape
     scale = None
     if y.dtype == np.float64:
-        scale = ref.accuracy_scale(
-            before, weight, bias, channel_axis=channel_axis, **vkw, **rkw
-        )
+        scale = ref.accuracy_scale(before, weight, bias, channel_axis=channel_axis, **vkw, **rkw)
     err = ref.ulp_error(y, exact, scale=scale)
     assert err <= TOL_EPS[y.dtype], f"error {err:.3g} eps"
     valid = valid_of(before.shape, channel_axis, **vkw)
@@ -429,9 +433,7 @@ def check_backward(dy, x, *, weight=None, channel_axis=1, eps=1e-5, **kw):
         x, weight, channel_axis=channel_axis, eps=eps, return_stats=True, **kw
     )
     before = [np.array(a, copy=True) for a in (dy, x, mean, rstd)]
-    dx, gw, gb = instance_norm_backward(
-        dy, x, mean, rstd, weight, channel_axis=channel_axis, **kw
-    )
+    dx, gw, gb = instance_norm_backward(dy, x, mean, rstd, weight, channel_axis=channel_axis, **kw)
     edx, egw, egb = ref.instance_norm_backward(
         before[0], before[1], weight, eps=eps, channel_axis=channel_axis, exact=True, **kw
     )
@@ -581,7 +583,9 @@ def test_layer_forward_backward_with_mask(how):
     gx = layer.backward(dy)
     np.testing.assert_allclose(gx, np.where(v, dy * a, 0), rtol=1e-14, atol=1e-15)
     np.testing.assert_allclose(layer.grad_bias, np.where(v, dy, 0).sum(axis=(0, 2)), rtol=1e-13)
-    xhat = np.where(v, (x - layer.running_mean[:, None]) / np.sqrt(layer.running_var + 1e-5)[:, None], 0)
+    xhat = np.where(
+        v, (x - layer.running_mean[:, None]) / np.sqrt(layer.running_var + 1e-5)[:, None], 0
+    )
     np.testing.assert_allclose(layer.grad_weight, (dy * xhat).sum(axis=(0, 2)), rtol=1e-12)
 
 

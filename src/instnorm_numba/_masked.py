@@ -99,8 +99,7 @@ def resolve(mask, lengths, ma_mask, shape, axis: int, L: int) -> Valid:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise ValueError(
-                f"lengths must lie in 0..{L} (the spatial length of x); got lengths[{i}]="
-                f"{arr[i]}"
+                f"lengths must lie in 0..{L} (the spatial length of x); got lengths[{i}]={arr[i]}"
             )
         out = np.ascontiguousarray(arr, dtype=np.int64)
         return Valid(out, None, None, bool((out == L).all()))
@@ -110,15 +109,12 @@ def resolve(mask, lengths, ma_mask, shape, axis: int, L: int) -> Valid:
     arr = as_array(mask, "mask", "a boolean array_like")
     if arr.dtype != np.bool_:
         raise TypeError(
-            f"mask must be a boolean array_like (True marks a valid element); got dtype "
-            f"{arr.dtype}"
+            f"mask must be a boolean array_like (True marks a valid element); got dtype {arr.dtype}"
         )
     nd = len(shape)
     if arr.ndim == nd - 1:
         arr = np.expand_dims(arr, axis)
-    bad = arr.ndim != nd or any(
-        m not in (1, s) for m, s in zip(arr.shape, shape, strict=False)
-    )
+    bad = arr.ndim != nd or any(m not in (1, s) for m, s in zip(arr.shape, shape, strict=False))
     if bad:
         no_c = tuple(s for i, s in enumerate(shape) if i != axis)
         with_1 = tuple(1 if i == axis else s for i, s in enumerate(shape))
@@ -324,7 +320,9 @@ def backward(g, x, mean, rstd, w, axis, dtype, out, valid: Valid):
             if cf:
                 dispatch(K.cf_mask_count, parallel, mk, Cm, N * C, C, count.reshape(-1))
                 args = (mean.reshape(-1), rstd.reshape(-1), w, C, sdy.reshape(-1), sdyx.reshape(-1))
-                dispatch(K.cf_bwd_mask_fused, parallel, xk, gv, dk, mk, Cm, count.reshape(-1), *args)
+                dispatch(
+                    K.cf_bwd_mask_fused, parallel, xk, gv, dk, mk, Cm, count.reshape(-1), *args
+                )
             else:
                 dispatch(K.cl_mask_count, parallel, mk, C, count)
                 args = (mean, rstd, w, sdy, sdyx)
@@ -333,4 +331,3 @@ def backward(g, x, mean, rstd, w, axis, dtype, out, valid: Valid):
         np.copyto(target, lay.restore(dx))
         result = target
     return _remask(result, valid, None), sdyx.sum(axis=0), sdy.sum(axis=0)
-

@@ -885,7 +885,9 @@ def cl_mask_fused(x, mask, y, w, b, eps, mean_out, var_out, count_out):
             for c in range(C):
                 K[c] = to64(x2[f, c]) if f >= 0 else 0.0
             if f >= 0:  # the mean of the first block's valid rows (see ``mrow_shift``)
-                rows = _rowmask_block_sum(x2, m1, f, min(x2.shape[0], f + slab_block_rows(x2)), K, cm)
+                rows = _rowmask_block_sum(
+                    x2, m1, f, min(x2.shape[0], f + slab_block_rows(x2)), K, cm
+                )
                 for c in range(C):
                     K[c] += cm[c] / rows
             rows = rowmask_moments(x2, m1, K, cm, m2)
