@@ -53,7 +53,6 @@ def plot(data: dict, path: str) -> None:
     ax1.set_xlabel("ours / parallel copy (time; lower is better)")
     ax1.set_yticks(y, labels, fontsize=8)
     ax1.invert_yaxis()
-    ax1.legend(fontsize=8, loc="lower right")
 
     peers = [
         ("torch/ours", "PyTorch CPU", "#8172b3"),

@@ -162,7 +162,8 @@ def running_vector(v, name: str, C: int, *, update: bool) -> np.ndarray:
 
 
 def check_out(out, shape, dtype: np.dtype, name: str = "out") -> np.ndarray:
-    refuse_or_convert(out, name)
+    if not isinstance(out, np.ma.MaskedArray):  # (a MaskedArray's data receives the result)
+        refuse_or_convert(out, name)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray or None; got {type(out).__name__}")
     if out.shape != tuple(shape):
@@ -389,6 +390,8 @@ def instance_norm(
     momentum: float = 0.1,
     out: np.ndarray | None = None,
     return_stats: Literal[False] = False,
+    mask: ArrayLike | None = None,
+    lengths: ArrayLike | None = None,
 ) -> np.ndarray: ...
 
 
@@ -406,6 +409,8 @@ def instance_norm(
     momentum: float = 0.1,
     out: np.ndarray | None = None,
     return_stats: Literal[True],
+    mask: ArrayLike | None = None,
+    lengths: ArrayLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
@@ -423,6 +428,8 @@ def instance_norm(
     momentum: float = 0.1,
     out: np.ndarray | None = None,
     return_stats: bool = False,
+    mask: ArrayLike | None = None,
+    lengths: ArrayLike | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
@@ -439,6 +446,8 @@ def instance_norm(
     momentum: float = 0.1,
     out: np.ndarray | None = None,
     return_stats: bool = False,
+    mask: ArrayLike | None = None,
+    lengths: ArrayLike | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Instance normalization: normalize every ``(n, c)`` slice over its spatial elements.
 
@@ -474,6 +483,18 @@ def instance_norm(
         in place.
     return_stats : bool, default False
         Also return ``mean`` and ``rstd = 1 / sqrt(var + eps)``, float64 of shape (N, C).
+    mask : array_like of bool, optional
+        The valid elements (True): shape ``(N, *spatial)``, or ``(N, 1, *spatial)`` /
+        ``(N, C, *spatial)`` in ``x``'s layout (one mask per channel), or anything else
+        broadcastable to ``x`` without enlarging its channel axis.  Statistics come from the
+        valid elements only; invalid positions of the result hold 0.  An instance with no
+        valid element gets NaN statistics, zeros, and stays out of the running statistics
+        (whose variance uses each instance's own count, ``n / (n - 1)``).  A
+        ``numpy.ma.MaskedArray`` ``x`` is normalized with its own mask and gives one back.
+    lengths : array_like of int, shape (N,), optional
+        For ``x`` with one spatial axis: the first ``lengths[n]`` positions of sample ``n``
+        are valid (``0 <= lengths[n] <= L``), the rest is padding.  Faster than the same
+        ``mask``.  At most one of ``mask`` and ``lengths``.
 
     Returns
     -------
@@ -500,8 +521,11 @@ def instance_norm(
         return _dask.instance_norm(
             x, weight, bias, eps=eps, channel_axis=channel_axis, running_mean=running_mean,
             running_var=running_var, use_input_stats=use_input_stats, momentum=momentum,
-            out=out, return_stats=return_stats,
+            out=out, return_stats=return_stats, mask=mask, lengths=lengths,
         )  # fmt: skip
+    ma_mask = None
+    if isinstance(x, np.ma.MaskedArray):  # its mask names the invalid elements
+        x, ma_mask = np.ma.getdata(x), np.ma.getmaskarray(x)
     x = as_input(x)
     axis = normalize_channel_axis(channel_axis, x.ndim)
     dtype = result_dtype(x.dtype)
@@ -534,6 +558,15 @@ def instance_norm(
             f"needs more than 1 spatial element per instance; got x of shape "
             f"{_fmt_shape(x.shape)}"
         )
+
+    if mask is not None or lengths is not None or ma_mask is not None:
+        from . import _masked  # (imports this module)
+
+        valid = _masked.resolve(mask, lengths, ma_mask, x.shape, axis, spatial)
+        return _masked.forward(
+            x, axis, dtype, w, b, eps, running_mean, running_var, use_input_stats, update,
+            momentum, out, return_stats, valid,
+        )  # fmt: skip
 
     lay = canonicalize(x, axis, dtype)
     y, result, target = prepare_output(lay, x, out, dtype)
@@ -642,6 +675,8 @@ def instance_norm_backward(
     *,
     channel_axis: int = 1,
     out: np.ndarray | None = None,
+    mask: ArrayLike | None = None,
+    lengths: ArrayLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of :func:`instance_norm` (statistics from the input, i.e. training mode).
 
@@ -676,6 +711,10 @@ def instance_norm_backward(
     out : ndarray, optional
         Receives ``grad_input``: shape of ``x``, the result dtype, writeable.
         ``out=grad_output`` works in place.
+    mask, lengths : optional
+        The forward's valid set (see :func:`instance_norm`; a ``numpy.ma.MaskedArray`` ``x``
+        brings its own): the gradients of the masked forward.  Invalid positions of
+        ``grad_input`` are 0 and ``grad_weight`` / ``grad_bias`` sum the valid elements only.
 
     Returns
     -------
@@ -705,8 +744,14 @@ def instance_norm_backward(
         from . import dask as _dask
 
         return _dask.instance_norm_backward(
-            grad_output, x, mean, rstd, weight, channel_axis=channel_axis, out=out
-        )
+            grad_output, x, mean, rstd, weight, channel_axis=channel_axis, out=out,
+            mask=mask, lengths=lengths,
+        )  # fmt: skip
+    ma_mask = None
+    if isinstance(x, np.ma.MaskedArray):  # its mask names the invalid elements
+        x, ma_mask = np.ma.getdata(x), np.ma.getmaskarray(x)
+    if isinstance(grad_output, np.ma.MaskedArray):
+        grad_output = np.ma.getdata(grad_output)
     x = as_input(x)
     axis = normalize_channel_axis(channel_axis, x.ndim)
     dtype = result_dtype(x.dtype)
@@ -727,6 +772,13 @@ def instance_norm_backward(
     w = channel_vector(weight, "weight", C, 1.0)
     if out is not None:
         check_out(out, x.shape, dtype)
+
+    if mask is not None or lengths is not None or ma_mask is not None:
+        from . import _masked  # (imports this module)
+
+        L = math.prod(s for i, s in enumerate(x.shape) if i not in (0, axis))
+        valid = _masked.resolve(mask, lengths, ma_mask, x.shape, axis, L)
+        return _masked.backward(g, x, mean, rstd, w, axis, dtype, out, valid)
 
     lay = canonicalize(x, axis, dtype)
     gk, g_copied = as_layout(lay, g, dtype)

@@ -42,21 +42,23 @@ def _root_module(obj) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# MASKED ARRAYS -- the masks work (another issue) replaces this function with real support:
-# a MaskedArray normalized over its unmasked elements.  Until then: refused, never ignored.
+# MASKED ARRAYS: ``x`` (and ``grad_output``) are unwrapped by the API before they get here and
+# normalized over their unmasked elements, and ``out`` may be one (its data receives the result).
+# Anywhere else a mask has no meaning the library could honour: refused, never ignored.
 
 
 def _masked(v, name: str):
     raise TypeError(
-        f"{name} is a numpy.ma.MaskedArray: masks are not supported yet (converting it would "
-        f"ignore the mask and normalize the masked values too); pass {name}.filled(value) or "
-        f"np.asarray({name}) if every element should count"
+        f"{name} is a numpy.ma.MaskedArray: only x (normalized over its unmasked elements) and "
+        f"out may be masked arrays; pass {name}.filled(value) or np.asarray({name}) if every "
+        "element should count"
     )
 
 
 # ---------------------------------------------------------------------------------------------
-# DASK ARRAYS -- the Dask work (another issue) replaces this function with real support
-# (a lazy, chunk-wise result).  Until then: refused rather than computed into memory silently.
+# DASK ARRAYS: ``x`` / ``grad_output`` of the functions are routed to ``instnorm_numba.dask``
+# before they get here (a lazy, chunk-wise result).  Anywhere else: refused rather than computed
+# into memory silently.
 
 
 def _dask(v, name: str):

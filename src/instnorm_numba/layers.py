@@ -257,19 +257,29 @@ class InstanceNorm:
     def _feature_dim(self, x: np.ndarray) -> int:
         return normalize_channel_axis(self.channel_axis, x.ndim)
 
-    def __call__(self, x: ArrayLike) -> np.ndarray:
+    def __call__(
+        self, x: ArrayLike, *, mask: ArrayLike | None = None, lengths: ArrayLike | None = None
+    ) -> np.ndarray:
         """Same as :meth:`forward`."""
-        return self._forward(x)
+        return self._forward(x, mask, lengths)
 
-    def forward(self, x: ArrayLike) -> np.ndarray:
+    def forward(
+        self, x: ArrayLike, *, mask: ArrayLike | None = None, lengths: ArrayLike | None = None
+    ) -> np.ndarray:
         """Normalize ``x``; update the running statistics in training mode when tracking.
 
-        Returns an ndarray of ``x``'s shape with ``instance_norm``'s result dtype.
+        ``mask`` / ``lengths`` name the valid elements as in
+        :func:`instnorm_numba.instance_norm` (for an unbatched input: without the batch axis,
+        ``lengths`` a single integer); :meth:`backward` uses them too.  Returns an ndarray of
+        ``x``'s shape with ``instance_norm``'s result dtype.
         """
-        return self._forward(x)
+        return self._forward(x, mask, lengths)
 
-    def _forward(self, x):
+    def _forward(self, x, mask=None, lengths=None):
         x, unbatched = self._batched(x)
+        if unbatched:  # the valid set of the one sample, given a batch axis like x
+            mask = None if mask is None else as_array(mask, "mask", "a boolean array_like")[None]
+            lengths = None if lengths is None else as_array(lengths, "lengths")[None]
         axis = self._feature_dim(x)
         C = x.shape[axis]
         if C != self.num_features:
@@ -308,13 +318,17 @@ class InstanceNorm:
             use_input_stats=use_input_stats,
             momentum=momentum,
             return_stats=True,
+            mask=mask,
+            lengths=lengths,
             **running,
         )
         if not use_input_stats:  # the constants of the normalization, per channel
             mean = np.array(self.running_mean, dtype=np.float64)
             with np.errstate(divide="ignore", invalid="ignore"):  # var 0, eps 0: inf, as _api
                 rstd = 1.0 / np.sqrt(np.asarray(self.running_var, dtype=np.float64) + self.eps)
-        self._saved = _Saved(x, axis, unbatched, use_input_stats, mean, rstd, y.dtype)
+        self._saved = _Saved(
+            x, axis, unbatched, use_input_stats, mean, rstd, y.dtype, mask, lengths
+        )
         return y[0] if unbatched else y
 
     # ---------------------------------------------------------------------------------------
@@ -354,8 +368,9 @@ class InstanceNorm:
             from ._api import instance_norm_backward  # lazily: issue 3 lands separately
 
             gx, gw, gb = instance_norm_backward(
-                dy, s.x, s.mean, s.rstd, self.weight, channel_axis=s.axis
-            )
+                dy, s.x, s.mean, s.rstd, self.weight, channel_axis=s.axis, mask=s.mask,
+                lengths=s.lengths,
+            )  # fmt: skip
         else:
             gx, gw, gb = self._backward_fixed_stats(dy, s)
         if self.affine:
@@ -367,6 +382,7 @@ class InstanceNorm:
         """Gradients when the statistics were constants: ``y = (x - m[c]) * r[c] * w[c] + b[c]``."""
         C = s.x.shape[s.axis]
         w = np.ones(C) if self.weight is None else np.asarray(self.weight, dtype=np.float64)
+        valid = self._valid(s)
         # dx = dy * r * w, in one parallel pass: normalize dy by mean 0, variance 1, eps 0
         gx = instance_norm(
             dy,
@@ -376,14 +392,32 @@ class InstanceNorm:
             running_mean=np.zeros(C),
             running_var=np.ones(C),
             use_input_stats=False,
+            mask=valid,
         )
         N = dy.shape[0]
+        xd = np.ma.getdata(s.x)
         d = np.moveaxis(dy, s.axis, 1).reshape(N, C, -1).astype(np.float64)
-        xc = np.moveaxis(s.x, s.axis, 1).reshape(N, C, -1).astype(np.float64)
+        xc = np.moveaxis(xd, s.axis, 1).reshape(N, C, -1).astype(np.float64)
         xc -= s.mean[:, None]
+        if valid is not None:  # sums of the valid elements only (invalid ones may be NaN)
+            v = np.moveaxis(valid, s.axis, 1).reshape(N, C, -1)
+            d = np.where(v, d, 0.0)
+            xc = np.where(v, xc, 0.0)
         gb = d.sum(axis=(0, 2))
         gw = np.einsum("ncl,ncl->c", d, xc) * s.rstd
         return gx, gw, gb
+
+    @staticmethod
+    def _valid(s):
+        """The last forward's valid set as a boolean array of its input's shape, or None."""
+        if s.mask is None and s.lengths is None and not isinstance(s.x, np.ma.MaskedArray):
+            return None
+        from . import _masked
+
+        xd, ma = _masked.unmask(s.x)
+        L = math.prod(n for i, n in enumerate(xd.shape) if i not in (0, s.axis))
+        valid = _masked.resolve(s.mask, s.lengths, ma, xd.shape, s.axis, L)
+        return _masked.valid_mask(valid, xd.shape, s.axis)
 
     # ---------------------------------------------------------------------------------------
     # state dict
@@ -580,6 +614,8 @@ class _Saved(NamedTuple):
     mean: np.ndarray  # float64: (N, C) input statistics, or (C,) running ones
     rstd: np.ndarray  # float64, as mean
     dtype: np.dtype  # result dtype
+    mask: object = None  # the forward's mask= / lengths=, as given (batched)
+    lengths: object = None
 
 
 class _InstanceNormNd(InstanceNorm):

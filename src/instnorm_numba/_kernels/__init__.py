@@ -23,6 +23,9 @@ The modules, one family each (read them in this order; ``vector`` may be skipped
 ``roofline``       the parallel copy the benchmarks time as the speed limit
 ``chunks``         an input held in parts (Dask chunks): one part's moments around a given
                    shift, the parts' exact merge, compensated sums of the backward's parts
+``lengths``        ``lengths=``: the dense machinery on each valid prefix, both layouts
+``masked_rows``    ``mask=`` on channels-first rows, forward and backward
+``masked_slabs``   ``mask=`` on channels-last slabs, forward and backward
 =================  ===========================================================================
 
 Which path runs (NB: the one table; ``_api.layout_plan`` computes ``parallel`` and ``nchunks``
@@ -67,6 +70,18 @@ split                                the part holding each instance's first elem
                                      ``cl_bwd_partial`` per part, ``add_chunks``,
                                      ``bwd_finish``, ``cf_bwd_apply`` / ``cl_bwd_apply``.
                                      Serial twins inside each part's task
+``lengths=`` (one spatial axis)      ``cf_len_fused`` / ``cl_len_fused``: the dense row or
+                                     slab machinery on the valid prefix ``x[r, :len]`` /
+                                     ``x[n, :len]``, the padding zero-filled; a task per row /
+                                     slab, never split.  ``*_len_apply`` with running
+                                     statistics, ``*_bwd_len_fused`` backward
+``mask=`` (or a MaskedArray)         ``cf_mask_fused``: a row per task, moments with a select
+                                     and a count per block.  ``cl_mask_fused``: a slab per
+                                     task; one mask for all channels is a row mask (all-valid
+                                     blocks and runs of valid rows take the dense block and
+                                     apply kernels), a mask per channel selects each element.
+                                     ``*_mask_apply``, ``*_mask_count``, ``*_bwd_mask_fused``
+every element valid                  the dense kernels (``_masked.forward``)
 ===================================  =========================================================
 
 Fast-math flags come from the named sets in ``_jit`` (``FM_STRICT``, ``FM_REDUCE``,
@@ -89,6 +104,26 @@ from .chunks import (
 )
 from .elements import FOLD_LIMIT as FOLD_LIMIT
 from .elements import HAS_F16C as HAS_F16C
+from .lengths import (
+    cf_bwd_len_fused,
+    cf_len_apply,
+    cf_len_fused,
+    cl_bwd_len_fused,
+    cl_len_apply,
+    cl_len_fused,
+)
+from .masked_rows import (
+    cf_bwd_mask_fused,
+    cf_mask_apply,
+    cf_mask_count,
+    cf_mask_fused,
+)
+from .masked_slabs import (
+    cl_bwd_mask_fused,
+    cl_mask_apply,
+    cl_mask_count,
+    cl_mask_fused,
+)
 from .moments import bwd_finish, merge_partials
 from .roofline import copy_chunks
 from .rows import SHORT_ROW as SHORT_ROW
@@ -126,4 +161,19 @@ __all__ = [
     "cl_chunk_moments",
     "merge_chunks",
     "add_chunks",
+    # masks and lengths
+    "cf_len_fused",
+    "cf_len_apply",
+    "cf_bwd_len_fused",
+    "cl_len_fused",
+    "cl_len_apply",
+    "cl_bwd_len_fused",
+    "cf_mask_fused",
+    "cf_mask_apply",
+    "cf_mask_count",
+    "cf_bwd_mask_fused",
+    "cl_mask_fused",
+    "cl_mask_apply",
+    "cl_mask_count",
+    "cl_bwd_mask_fused",
 ]

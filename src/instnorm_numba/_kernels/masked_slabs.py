@@ -1,0 +1,615 @@
+"""Masks, channels-last slabs: statistics over the valid elements only, forward and backward.
+
+A mask is canonical like ``x``: ``(N, L, Cm)`` of ``uint8`` 0/1, ``Cm`` being 1 (one mask for
+every channel) or ``C``. Moments are the dense ones with a select: ``d = x - K`` where valid,
+``0`` elsewhere (a select, never a product, so a NaN or Inf in an invalid position cannot reach
+the sums), the count of valid elements taken per block in the same loop, the blocks merged with
+Chan et al.'s update weighted by their counts (``moments.merge_moments``). The shift ``K`` is a
+valid element (the first), or for long float32/float16 rows the mean of the valid elements of
+the first block, which keeps the one-pass bound of ``moments`` with ``n0 >= 1``. float64 keeps
+the corrected two-pass blocks. The apply is the dense one (folded when the dtype allows, float16
+in float32 arithmetic when ``half32_ok``) followed by a select of 0. One mask for all channels
+is a row mask: blocks whose rows are all valid go through the dense block kernels, and runs of
+at least ``RUN_MIN_ROWS`` valid rows through ``slab_normalize``; other rows branch.
+
+An instance with no valid element gets NaN statistics, zeros in its output and zero sums in the
+backward. The counts are returned (float64) for the running update.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from .._jit import FM_APPLY, FM_REDUCE, FM_STRICT, kernel
+from .elements import (
+    FOLD_LIMIT,
+    _sub,
+    affine_like,
+    cast_like,
+    f64_to_f32_odd,
+    half,
+    half32_ok,
+    to64,
+    wide,
+)
+from .lengths import zero_rows
+from .moments import (
+    bwd_coeffs,
+    merge_moments,
+    neumaier_add,
+)
+from .slabs import (
+    _slab_block_onepass,
+    _slab_block_twopass,
+    slab_block_rows,
+    slab_normalize,
+)
+
+#: channels-last row masks: runs of at least this many valid rows use the dense apply
+RUN_MIN_ROWS = 16
+
+# --------------------------------------------------------------------------------------------
+# masks, channels-last slabs: x (N, L, C), mask (N, L, Cm)
+
+
+@kernel(fastmath=FM_REDUCE)
+def _rowmask_block_sum(x2, m1, b, e, K, mb):
+    """Per-channel sum of x - K over the valid rows of ``b:e`` into ``mb``; the row count."""
+    C = x2.shape[1]
+    for c in range(C):
+        mb[c] = 0.0
+    cnt = 0
+    for i in range(b, e):
+        if m1[i] != 0:
+            xr = x2[i]
+            for c in range(C):
+                mb[c] += _sub(to64(xr[c]), K[c])
+            cnt += 1
+    return cnt
+
+
+@kernel(fastmath=FM_REDUCE)
+def _rowmask_block_m2(x2, m1, b, e, K, mb, m2b, sd):
+    C = x2.shape[1]
+    for c in range(C):
+        sd[c] = 0.0
+        m2b[c] = 0.0
+    for i in range(b, e):
+        if m1[i] != 0:
+            xr = x2[i]
+            for c in range(C):
+                d = _sub(_sub(to64(xr[c]), K[c]), mb[c])
+                sd[c] += d
+                m2b[c] += d * d
+
+
+@kernel(fastmath=FM_REDUCE)
+def _rowmask_block_sums(x2, m1, b, e, K, mb, m2b):
+    C = x2.shape[1]
+    for c in range(C):
+        mb[c] = 0.0
+        m2b[c] = 0.0
+    cnt = 0
+    for i in range(b, e):
+        if m1[i] != 0:
+            xr = x2[i]
+            for c in range(C):
+                d = _sub(to64(xr[c]), K[c])
+                mb[c] += d
+                m2b[c] += d * d
+            cnt += 1
+    return cnt
+
+
+@kernel(fastmath=FM_STRICT)
+def rowmask_block(x2, m1, b, e, K, mb, m2b, sd):
+    """Per-channel (mean of x - K, M2) of the valid rows of ``b:e``; the row count.  A block of
+    valid rows only goes through the dense block kernels."""
+    C = x2.shape[1]
+    full = 0
+    for i in range(b, e):
+        full += m1[i]
+    if full == e - b:
+        if wide(x2):
+            _slab_block_twopass(x2, b, e, K, mb, m2b, sd)
+        else:
+            _slab_block_onepass(x2, b, e, K, mb, m2b)
+        return full
+    if full == 0:
+        return 0
+    nb = float(full)
+    if wide(x2):
+        _rowmask_block_sum(x2, m1, b, e, K, mb)
+        for c in range(C):
+            mb[c] /= nb
+        _rowmask_block_m2(x2, m1, b, e, K, mb, m2b, sd)
+        for c in range(C):
+            mb[c] += sd[c] / nb
+            v = m2b[c] - sd[c] * (sd[c] / nb)
+            m2b[c] = 0.0 if v < 0.0 else v
+    else:
+        _rowmask_block_sums(x2, m1, b, e, K, mb, m2b)
+        for c in range(C):
+            s1 = mb[c]
+            mb[c] = s1 / nb
+            v = m2b[c] - s1 * mb[c]
+            m2b[c] = 0.0 if v < 0.0 else v
+    return full
+
+
+@kernel(fastmath=FM_STRICT)
+def rowmask_moments(x2, m1, K, mean, m2):
+    """Per-channel (mean of x - K, M2) over the valid rows of a slab; the row count."""
+    L = x2.shape[0]
+    C = x2.shape[1]
+    rb = slab_block_rows(x2)
+    comp = np.zeros(C)
+    cmean = np.zeros(C)
+    mb = np.empty(C)
+    m2b = np.empty(C)
+    sd = np.empty(C)
+    mean[:] = 0.0
+    m2[:] = 0.0
+    n = 0.0
+    b = 0
+    while b < L:
+        e = min(b + rb, L)
+        nb = float(rowmask_block(x2, m1, b, e, K, mb, m2b, sd))
+        if nb > 0.0:
+            for c in range(C):
+                _, mean[c], cmean[c], m2[c], comp[c] = merge_moments(
+                    n, mean[c], cmean[c], m2[c], comp[c], nb, mb[c], m2b[c]
+                )
+            n += nb
+        b = e
+    for c in range(C):
+        mean[c] += cmean[c]
+        m2[c] += comp[c]
+    return n
+
+
+@kernel(fastmath=FM_APPLY)
+def _rowmask_rows(x2, y2, r0, r1, mode, K, cm, M, a, b, M32, a32, b32):
+    """Rows ``r0:r1`` (all valid) one by one: mode 2 float16 in float32, 1 folded, 0 exact."""
+    C = x2.shape[1]
+    for i in range(r0, r1):
+        xr = x2[i]
+        yr = y2[i]
+        if mode == 2:
+            for c in range(C):
+                yr[c] = affine_like(xr[c], M32[c], a32[c], b32[c], yr)
+        elif mode == 1:
+            for c in range(C):
+                yr[c] = affine_like(xr[c], M[c], a[c], b[c], yr)
+        else:
+            for c in range(C):
+                d = _sub(_sub(to64(xr[c]), K[c]), cm[c])
+                yr[c] = cast_like(d * a[c] + b[c], yr)
+
+
+@kernel(fastmath=FM_STRICT)
+def rowmask_normalize(x2, m1, y2, K, cm, a, b):
+    """``y = ((x - K) - cm) * a + b`` on the valid rows, 0 on the others: long runs of valid
+    rows through ``slab_normalize``, short ones row by row."""
+    L = x2.shape[0]
+    C = x2.shape[1]
+    M = np.empty(C)
+    M32 = np.empty(C, np.float32)
+    a32 = np.empty(C, np.float32)
+    b32 = np.empty(C, np.float32)
+    mode = 0
+    if not wide(x2):
+        fold = True
+        h32 = half(x2)
+        for c in range(C):
+            M[c] = K[c] + cm[c]
+            if not abs(M[c] * a[c]) <= FOLD_LIMIT:
+                fold = False
+            if not half32_ok(M[c], a[c], b[c]):
+                h32 = False
+            M32[c] = np.float32(M[c])
+            a32[c] = np.float32(a[c])
+            b32[c] = f64_to_f32_odd(b[c])
+        if h32:
+            mode = 2
+        elif fold:
+            mode = 1
+    i = 0
+    while i < L:
+        j = i + 1
+        if m1[i] != 0:
+            while j < L and m1[j] != 0:
+                j += 1
+            if j - i >= RUN_MIN_ROWS:
+                slab_normalize(x2, y2, i, j, K, cm, a, b)
+            else:
+                _rowmask_rows(x2, y2, i, j, mode, K, cm, M, a, b, M32, a32, b32)
+        else:
+            while j < L and m1[j] == 0:
+                j += 1
+            zero_rows(y2, i, j)
+        i = j
+
+
+@kernel(fastmath=FM_STRICT)
+def _first_row(m1):
+    for i in range(m1.shape[0]):
+        if m1[i] != 0:
+            return i
+    return -1
+
+
+# per-channel masks: each element selected
+
+
+@kernel(fastmath=FM_STRICT)
+def elmask_shift(x2, m2, K):
+    """K[c] = the first valid element of channel c (0 where there is none)."""
+    L = x2.shape[0]
+    C = x2.shape[1]
+    left = C
+    for c in range(C):
+        K[c] = np.nan
+    for i in range(L):
+        if left == 0:
+            break
+        for c in range(C):
+            if m2[i, c] != 0 and np.isnan(K[c]):
+                v = to64(x2[i, c])
+                if np.isnan(v):
+                    K[c] = 0.0  # (a NaN element: the statistics are NaN whatever the shift)
+                else:
+                    K[c] = v
+                left -= 1
+    for c in range(C):
+        if np.isnan(K[c]):
+            K[c] = 0.0
+    # then the mean of the valid elements of the first block (see ``mrow_shift``)
+    e = min(L, slab_block_rows(x2))
+    mb = np.empty(C)
+    cnt = np.empty(C)
+    _elmask_block_sum(x2, m2, 0, e, K, mb, cnt)
+    for c in range(C):
+        if cnt[c] > 0.0:
+            K[c] += mb[c] / cnt[c]
+
+
+@kernel(fastmath=FM_REDUCE)
+def _elmask_block_sum(x2, m2, b, e, K, mb, cnt):
+    C = x2.shape[1]
+    for c in range(C):
+        mb[c] = 0.0
+        cnt[c] = 0.0
+    for i in range(b, e):
+        xr = x2[i]
+        mr = m2[i]
+        for c in range(C):
+            d = _sub(to64(xr[c]), K[c])
+            v = mr[c] != 0
+            mb[c] += d if v else 0.0
+            cnt[c] += 1.0 if v else 0.0
+
+
+@kernel(fastmath=FM_REDUCE)
+def _elmask_block_m2(x2, m2, b, e, K, mb, m2b, sd):
+    C = x2.shape[1]
+    for c in range(C):
+        sd[c] = 0.0
+        m2b[c] = 0.0
+    for i in range(b, e):
+        xr = x2[i]
+        mr = m2[i]
+        for c in range(C):
+            d = _sub(_sub(to64(xr[c]), K[c]), mb[c])
+            d = d if mr[c] != 0 else 0.0
+            sd[c] += d
+            m2b[c] += d * d
+
+
+@kernel(fastmath=FM_REDUCE)
+def _elmask_block_sums(x2, m2, b, e, K, mb, m2b, cnt):
+    C = x2.shape[1]
+    for c in range(C):
+        mb[c] = 0.0
+        m2b[c] = 0.0
+        cnt[c] = 0.0
+    for i in range(b, e):
+        xr = x2[i]
+        mr = m2[i]
+        for c in range(C):
+            v = mr[c] != 0
+            d = _sub(to64(xr[c]), K[c])
+            d = d if v else 0.0
+            mb[c] += d
+            m2b[c] += d * d
+            cnt[c] += 1.0 if v else 0.0
+
+
+@kernel(fastmath=FM_STRICT)
+def elmask_moments(x2, m2, K, mean, m2out, count):
+    """Per-channel (mean of x - K, M2, count) over the valid elements of a slab."""
+    L = x2.shape[0]
+    C = x2.shape[1]
+    rb = slab_block_rows(x2)
+    comp = np.zeros(C)
+    cmean = np.zeros(C)
+    mb = np.empty(C)
+    m2b = np.empty(C)
+    sd = np.empty(C)
+    cnt = np.empty(C)
+    for c in range(C):
+        mean[c] = 0.0
+        m2out[c] = 0.0
+        count[c] = 0.0
+    b = 0
+    while b < L:
+        e = min(b + rb, L)
+        if wide(x2):
+            _elmask_block_sum(x2, m2, b, e, K, mb, cnt)
+            for c in range(C):
+                mb[c] = mb[c] / cnt[c] if cnt[c] > 0.0 else 0.0
+            _elmask_block_m2(x2, m2, b, e, K, mb, m2b, sd)
+            for c in range(C):
+                if cnt[c] > 0.0:
+                    mb[c] += sd[c] / cnt[c]
+                    v = m2b[c] - sd[c] * (sd[c] / cnt[c])
+                    m2b[c] = 0.0 if v < 0.0 else v
+        else:
+            _elmask_block_sums(x2, m2, b, e, K, mb, m2b, cnt)
+            for c in range(C):
+                if cnt[c] > 0.0:
+                    s1 = mb[c]
+                    mb[c] = s1 / cnt[c]
+                    v = m2b[c] - s1 * mb[c]
+                    m2b[c] = 0.0 if v < 0.0 else v
+        for c in range(C):
+            count[c], mean[c], cmean[c], m2out[c], comp[c] = merge_moments(
+                count[c], mean[c], cmean[c], m2out[c], comp[c], cnt[c], mb[c], m2b[c]
+            )
+        b = e
+    for c in range(C):
+        mean[c] += cmean[c]
+        m2out[c] += comp[c]
+
+
+@kernel(fastmath=FM_APPLY)
+def _elmask_rows(x2, m2, y2, mode, K, cm, M, a, b, M32, a32, b32):
+    L = x2.shape[0]
+    C = x2.shape[1]
+    for i in range(L):
+        xr = x2[i]
+        mr = m2[i]
+        yr = y2[i]
+        z = cast_like(0.0, yr)
+        if mode == 2:
+            for c in range(C):
+                v = affine_like(xr[c], M32[c], a32[c], b32[c], yr)
+                yr[c] = v if mr[c] != 0 else z
+        elif mode == 1:
+            for c in range(C):
+                v = affine_like(xr[c], M[c], a[c], b[c], yr)
+                yr[c] = v if mr[c] != 0 else z
+        else:
+            for c in range(C):
+                d = _sub(_sub(to64(xr[c]), K[c]), cm[c])
+                v = cast_like(d * a[c] + b[c], yr)
+                yr[c] = v if mr[c] != 0 else z
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_mask_normalize(x2, m2, y2, K, cm, a, b):
+    """``y = ((x - K) - cm) * a + b`` where ``m2`` (shape (L, 1) or (L, C)) is set, else 0."""
+    if m2.shape[1] == 1 and x2.shape[1] != 1:
+        rowmask_normalize(x2, m2[:, 0], y2, K, cm, a, b)
+        return
+    C = x2.shape[1]
+    M = np.empty(C)
+    M32 = np.empty(C, np.float32)
+    a32 = np.empty(C, np.float32)
+    b32 = np.empty(C, np.float32)
+    mode = 0
+    if not wide(x2):
+        fold = True
+        h32 = half(x2)
+        for c in range(C):
+            M[c] = K[c] + cm[c]
+            if not abs(M[c] * a[c]) <= FOLD_LIMIT:
+                fold = False
+            if not half32_ok(M[c], a[c], b[c]):
+                h32 = False
+            M32[c] = np.float32(M[c])
+            a32[c] = np.float32(a[c])
+            b32[c] = f64_to_f32_odd(b[c])
+        if h32:
+            mode = 2
+        elif fold:
+            mode = 1
+    _elmask_rows(x2, m2, y2, mode, K, cm, M, a, b, M32, a32, b32)
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_mask_fused(x, mask, y, w, b, eps, mean_out, var_out, count_out):
+    """Masked per-channel statistics and normalization of each slab in one task."""
+    N = x.shape[0]
+    C = x.shape[2]
+    per_channel = mask.shape[2] != 1 or C == 1
+    for n in prange(N):
+        K = np.empty(C)
+        cm = np.empty(C)
+        m2 = np.empty(C)
+        a = np.empty(C)
+        cnt = np.empty(C)
+        x2 = x[n]
+        if per_channel:
+            elmask_shift(x2, mask[n], K)
+            elmask_moments(x2, mask[n], K, cm, m2, cnt)
+        else:
+            m1 = mask[n, :, 0]
+            f = _first_row(m1)
+            for c in range(C):
+                K[c] = to64(x2[f, c]) if f >= 0 else 0.0
+            if f >= 0:  # the mean of the first block's valid rows (see ``mrow_shift``)
+                rows = _rowmask_block_sum(
+                    x2, m1, f, min(x2.shape[0], f + slab_block_rows(x2)), K, cm
+                )
+                for c in range(C):
+                    K[c] += cm[c] / rows
+            rows = rowmask_moments(x2, m1, K, cm, m2)
+            for c in range(C):
+                cnt[c] = rows
+        for c in range(C):
+            if cnt[c] == 0.0:
+                mean_out[n, c] = np.nan
+                var_out[n, c] = np.nan
+                a[c] = 0.0
+            else:
+                var = m2[c] / cnt[c]
+                a[c] = (1.0 / np.sqrt(var + eps)) * w[c]
+                mean_out[n, c] = K[c] + cm[c]
+                var_out[n, c] = var
+            count_out[n, c] = cnt[c]
+        slab_mask_normalize(x2, mask[n], y[n], K, cm, a, b)
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_mask_apply(x, mask, y, mean, a, b):
+    """``y = (x - mean) * a + b`` per channel where valid, 0 elsewhere."""
+    N = x.shape[0]
+    C = x.shape[2]
+    for n in prange(N):
+        zeros = np.zeros(C)
+        slab_mask_normalize(x[n], mask[n], y[n], mean[n], zeros, a[n], b[n])
+
+
+# backward, channels-last masks (one mask for all channels or one per channel, each element
+# selected)
+
+
+@kernel(fastmath=FM_REDUCE)
+def _slab_mbwd_block(x2, g2, m2, b, e, mu, per, s0, s1, s2):
+    C = x2.shape[1]
+    for c in range(C):
+        s0[c] = 0.0
+        s1[c] = 0.0
+        s2[c] = 0.0
+    for i in range(b, e):
+        xr = x2[i]
+        gr = g2[i]
+        mr = m2[i]
+        if per:
+            for c in range(C):
+                v = mr[c] != 0
+                g = to64(gr[c]) if v else 0.0
+                d = _sub(to64(xr[c]), mu[c]) if v else 0.0
+                s0[c] += g
+                s1[c] += d
+                s2[c] += g * d
+        elif mr[0] != 0:
+            for c in range(C):
+                g = to64(gr[c])
+                d = _sub(to64(xr[c]), mu[c])
+                s0[c] += g
+                s1[c] += d
+                s2[c] += g * d
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_mbwd_sums(x2, g2, m2, mu, S0, S1, S2):
+    """Per-channel masked backward sums of a slab, block totals compensated."""
+    L = x2.shape[0]
+    C = x2.shape[1]
+    per = m2.shape[1] != 1 or C == 1
+    rb = slab_block_rows(x2)
+    b0 = np.empty(C)
+    b1 = np.empty(C)
+    b2 = np.empty(C)
+    c0 = np.zeros(C)
+    c1 = np.zeros(C)
+    c2 = np.zeros(C)
+    for c in range(C):
+        S0[c] = 0.0
+        S1[c] = 0.0
+        S2[c] = 0.0
+    b = 0
+    while b < L:
+        e = min(b + rb, L)
+        _slab_mbwd_block(x2, g2, m2, b, e, mu, per, b0, b1, b2)
+        for c in range(C):
+            S0[c], c0[c] = neumaier_add(S0[c], c0[c], b0[c])
+            S1[c], c1[c] = neumaier_add(S1[c], c1[c], b1[c])
+            S2[c], c2[c] = neumaier_add(S2[c], c2[c], b2[c])
+        b = e
+    for c in range(C):
+        S0[c] += c0[c]
+        S1[c] += c1[c]
+        S2[c] += c2[c]
+
+
+@kernel(fastmath=FM_APPLY)
+def slab_mbwd_apply(x2, g2, m2, o2, mu, xbar, a, mdy, k):
+    L = x2.shape[0]
+    C = x2.shape[1]
+    per = m2.shape[1] != 1 or C == 1
+    for i in range(L):
+        xr = x2[i]
+        gr = g2[i]
+        mr = m2[i]
+        orow = o2[i]
+        z = cast_like(0.0, orow)
+        if per:
+            for c in range(C):
+                e = _sub(_sub(to64(xr[c]), mu[c]), xbar[c])
+                t = _sub(to64(gr[c]), mdy[c])
+                v = cast_like(a[c] * t - e * k[c], orow)
+                orow[c] = v if mr[c] != 0 else z
+        elif mr[0] != 0:
+            for c in range(C):
+                e = _sub(_sub(to64(xr[c]), mu[c]), xbar[c])
+                t = _sub(to64(gr[c]), mdy[c])
+                orow[c] = cast_like(a[c] * t - e * k[c], orow)
+        else:
+            for c in range(C):
+                orow[c] = z
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_bwd_mask_fused(x, dy, dx, mask, count, mean, rstd, w, sdy_out, sdyx_out):
+    """Both backward sweeps of each masked slab; ``dx`` is 0 where invalid."""
+    N = x.shape[0]
+    C = x.shape[2]
+    for n in prange(N):
+        S0 = np.empty(C)
+        S1 = np.empty(C)
+        S2 = np.empty(C)
+        xbar = np.empty(C)
+        a = np.empty(C)
+        mdy = np.empty(C)
+        k = np.empty(C)
+        slab_mbwd_sums(x[n], dy[n], mask[n], mean[n], S0, S1, S2)
+        for c in range(C):
+            cn = count[n, c]
+            if cn == 0.0:
+                xbar[c] = a[c] = mdy[c] = k[c] = 0.0
+                sdyx_out[n, c] = 0.0
+                sdy_out[n, c] = 0.0
+            else:
+                xbar[c], a[c], mdy[c], k[c], sdyx_out[n, c] = bwd_coeffs(
+                    cn, S0[c], S1[c], S2[c], rstd[n, c], w[c]
+                )
+                sdy_out[n, c] = S0[c]
+        slab_mbwd_apply(x[n], dy[n], mask[n], dx[n], mean[n], xbar, a, mdy, k)
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_mask_count(mask, C, count_out):
+    """Valid elements per ``(n, c)`` of a channels-last mask (N, L, Cm)."""
+    N = mask.shape[0]
+    L = mask.shape[1]
+    Cm = mask.shape[2]
+    for n in prange(N):
+        for c in range(C):
+            count_out[n, c] = 0.0
+        for i in range(L):
+            for c in range(C):
+                count_out[n, c] += mask[n, i, c if Cm > 1 else 0]

@@ -1,0 +1,333 @@
+"""Masks and variable lengths (issue 13): which elements are valid, checked and canonicalised,
+and the masked forward and backward dispatch.  Called by ``_api`` after it validated everything
+else; no loops over data live here either.
+
+The valid set is named by one of
+
+* ``lengths``, an integer array_like of shape ``(N,)`` for input with one spatial axis: the
+  first ``lengths[n]`` positions of sample ``n``;
+* ``mask``, a boolean array_like of shape ``(N, *spatial)``, or ``(N, 1, *spatial)`` /
+  ``(N, C, *spatial)`` in the layout of ``x`` (broadcastable to ``x`` without enlarging its
+  channel axis); True marks a valid element;
+* the mask of a ``numpy.ma.MaskedArray`` ``x`` (``~x.mask`` is valid).
+
+A valid set that covers every element runs the dense kernels: the result is then exactly the
+unmasked one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _kernels as K
+from ._api import (
+    _fmt_shape,
+    _kernel_view,
+    _moved,
+    _same_memory,
+    as_array,
+    as_layout,
+    canonicalize,
+    check_out,
+    plan,
+    prepare_output,
+)
+from ._jit import dispatch
+
+__all__ = ["Valid", "resolve", "forward", "backward", "valid_mask"]
+
+
+@dataclass
+class Valid:
+    """A checked valid set: ``lengths`` (N,) int64, or ``mask`` in ``x``'s layout with a channel
+    axis of size ``Cm`` (1 or C); ``ma_mask`` the MaskedArray mask to give back, if any."""
+
+    lengths: np.ndarray | None
+    mask: np.ndarray | None
+    ma_mask: np.ndarray | None
+    dense: bool
+
+
+def unmask(x):
+    """``(data, mask)`` of a ``numpy.ma.MaskedArray`` (its full boolean mask, True = masked),
+    else ``(x, None)``."""
+    if isinstance(x, np.ma.MaskedArray):
+        return np.ma.getdata(x), np.ma.getmaskarray(x)
+    return x, None
+
+
+def _lengths(lengths, shape) -> np.ndarray:
+    N = shape[0]
+    if len(shape) != 3:
+        raise ValueError(
+            f"lengths needs an input with exactly one spatial axis (ndim 3); got x of shape "
+            f"{_fmt_shape(shape)}: use mask= for more spatial axes"
+        )
+    arr = as_array(lengths, "lengths", "an array_like of integers")
+    if arr.dtype.kind not in "iu":
+        raise TypeError(
+            f"lengths must have an integer dtype; got dtype {arr.dtype} ({_short(lengths)})"
+        )
+    if arr.shape != (N,):
+        raise ValueError(
+            f"lengths must have shape ({N},), one length per sample of x; got shape "
+            f"{_fmt_shape(arr.shape)}"
+        )
+    return arr
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def resolve(mask, lengths, ma_mask, shape, axis: int, L: int) -> Valid:
+    """Check ``mask`` / ``lengths`` (or a MaskedArray's mask) against ``x``'s ``shape``."""
+    if mask is not None and lengths is not None:
+        raise ValueError("mask and lengths name the same thing: give at most one of them")
+    if ma_mask is not None and (mask is not None or lengths is not None):
+        given = "mask" if mask is not None else "lengths"
+        raise ValueError(
+            f"x is a numpy.ma.MaskedArray, whose mask names the valid elements; {given} "
+            "cannot be given as well"
+        )
+    if lengths is not None:
+        arr = _lengths(lengths, shape)
+        bad = (arr < 0) | (arr > L)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"lengths must lie in 0..{L} (the spatial length of x); got lengths[{i}]={arr[i]}"
+            )
+        out = np.ascontiguousarray(arr, dtype=np.int64)
+        return Valid(out, None, None, bool((out == L).all()))
+    if ma_mask is not None:
+        valid = ~ma_mask
+        return Valid(None, valid, ma_mask, bool(valid.all()))
+    arr = as_array(mask, "mask", "a boolean array_like")
+    if arr.dtype != np.bool_:
+        raise TypeError(
+            f"mask must be a boolean array_like (True marks a valid element); got dtype {arr.dtype}"
+        )
+    nd = len(shape)
+    if arr.ndim == nd - 1:
+        arr = np.expand_dims(arr, axis)
+    bad = arr.ndim != nd or any(m not in (1, s) for m, s in zip(arr.shape, shape, strict=False))
+    if bad:
+        no_c = tuple(s for i, s in enumerate(shape) if i != axis)
+        with_1 = tuple(1 if i == axis else s for i, s in enumerate(shape))
+        raise ValueError(
+            f"mask must be broadcastable to x's shape {_fmt_shape(shape)} without enlarging "
+            f"its channel axis: {_fmt_shape(no_c)}, {_fmt_shape(with_1)} or "
+            f"{_fmt_shape(shape)}; got shape {_fmt_shape(np.shape(mask))}"
+        )
+    full = tuple(arr.shape[axis] if i == axis else s for i, s in enumerate(shape))
+    arr = np.broadcast_to(arr, full)
+    return Valid(None, arr, None, bool(arr.all()))
+
+
+def _canonical_mask(valid: Valid, lay):
+    """The mask as the kernels want it: (N*Cm, L) or (N, L, Cm) of uint8, and Cm."""
+    m = valid.mask
+    Cm = m.shape[lay.axis]
+    v = _moved(m, lay.axis, lay.kind)
+    shape = (lay.N * Cm, lay.L) if lay.kind == "cf" else (lay.N, lay.L, Cm)
+    mk = np.ascontiguousarray(v).reshape(shape).view(np.uint8)
+    return mk, Cm
+
+
+def _plan(lay):
+    total = lay.N * lay.C * lay.L
+    groups = lay.N * lay.C if lay.kind == "cf" else lay.N
+    return plan(groups, lay.L, total)[0]
+
+
+def _remask(result, valid: Valid, out):
+    """The result given back as a MaskedArray when the input was one."""
+    if valid.ma_mask is None:
+        return result
+    if isinstance(out, np.ma.MaskedArray) and result is not None:
+        out.mask = valid.ma_mask.copy()
+        return out
+    return np.ma.MaskedArray(result, mask=valid.ma_mask.copy())
+
+
+def _out_data(out):
+    return np.ma.getdata(out) if isinstance(out, np.ma.MaskedArray) else out
+
+
+def valid_mask(valid: Valid, shape, axis: int) -> np.ndarray:
+    """The valid set as a boolean array of ``x``'s shape (read-only, maybe a broadcast view)."""
+    if valid.lengths is not None:
+        m = np.arange(shape[3 - axis])[None, :] < valid.lengths[:, None]  # (N, L)
+        return np.broadcast_to(np.expand_dims(m, axis), shape)
+    return np.broadcast_to(valid.mask, shape)
+
+
+def forward(
+    x,
+    axis,
+    dtype,
+    w,
+    b,
+    eps,
+    running_mean,
+    running_var,
+    use_input_stats,
+    update,
+    momentum,
+    out,
+    return_stats,
+    valid: Valid,
+):
+    """``instance_norm`` over the valid elements only (arguments already checked by ``_api``)."""
+    from ._api import instance_norm
+
+    if valid.dense:  # every element valid: the dense kernels, exactly the unmasked result
+        res = instance_norm(
+            x,
+            w,
+            b,
+            eps=eps,
+            channel_axis=axis,
+            running_mean=running_mean,
+            running_var=running_var,
+            use_input_stats=use_input_stats,
+            momentum=momentum,
+            out=_out_data(out),
+            return_stats=return_stats,
+        )
+        if return_stats:
+            return (_remask(res[0], valid, out), res[1], res[2])
+        return _remask(res, valid, out)
+
+    out_arr = _out_data(out)
+    if out_arr is not None:
+        check_out(out_arr, x.shape, dtype)
+    lay = canonicalize(x, axis, dtype)
+    y, result, target = prepare_output(lay, x, out_arr, dtype)
+    N, C = lay.N, lay.C
+    xk, yk = _kernel_view(lay.data), _kernel_view(y)
+    parallel = _plan(lay)
+    cf = lay.kind == "cf"
+    if valid.lengths is not None:
+        lengths, mk, Cm = valid.lengths, None, 0
+        count = np.broadcast_to(lengths.astype(np.float64)[:, None], (N, C))
+    else:
+        lengths = None
+        mk, Cm = _canonical_mask(valid, lay)
+        count = np.empty((N, C))
+    with np.errstate(all="ignore"):
+        if use_input_stats:
+            mean = np.full((N, C), np.nan)
+            var = np.full((N, C), np.nan)
+            if y.size and lengths is not None:
+                if cf:
+                    stats = (mean.reshape(-1), var.reshape(-1))
+                    dispatch(K.cf_len_fused, parallel, xk, yk, lengths, w, b, C, eps, *stats)
+                else:
+                    dispatch(K.cl_len_fused, parallel, xk, yk, lengths, w, b, eps, mean, var)
+            elif y.size:
+                if cf:
+                    stats = (mean.reshape(-1), var.reshape(-1), count.reshape(-1))
+                    dispatch(K.cf_mask_fused, parallel, xk, mk, Cm, yk, w, b, C, eps, *stats)
+                else:
+                    dispatch(K.cl_mask_fused, parallel, xk, mk, yk, w, b, eps, mean, var, count)
+            else:
+                count = np.zeros((N, C))
+            rstd = 1.0 / np.sqrt(var + eps)
+        else:
+            mean = np.ascontiguousarray(
+                np.broadcast_to(np.asarray(running_mean, dtype=np.float64), (N, C))
+            )
+            rv = np.asarray(running_var, dtype=np.float64)
+            rstd = np.ascontiguousarray(np.broadcast_to(1.0 / np.sqrt(rv + eps), (N, C)))
+            a = rstd * w
+            bb = np.ascontiguousarray(np.broadcast_to(b, (N, C)))
+            if y.size:
+                if cf:
+                    rows = (mean.reshape(-1), a.reshape(-1), bb.reshape(-1))
+                    if lengths is not None:
+                        dispatch(K.cf_len_apply, parallel, xk, yk, lengths, C, *rows)
+                    else:
+                        dispatch(K.cf_mask_apply, parallel, xk, mk, Cm, yk, C, *rows)
+                elif lengths is not None:
+                    dispatch(K.cl_len_apply, parallel, xk, yk, lengths, mean, a, bb)
+                else:
+                    dispatch(K.cl_mask_apply, parallel, xk, mk, yk, mean, a, bb)
+        if target is not None:
+            np.copyto(target, lay.restore(y))
+            result = target
+        if update and N > 0:
+            _running_update(running_mean, running_var, mean, var, count, momentum)
+    result = _remask(result, valid, out)
+    if return_stats:
+        return result, mean, rstd
+    return result
+
+
+def _running_update(running_mean, running_var, mean, var, count, momentum):
+    """Average over the instances that have statistics: a mean needs one valid element, an
+    unbiased variance two.  A channel with no such instance keeps its running value."""
+    has_mean = count > 0
+    has_var = count > 1
+    nm = has_mean.sum(axis=0)
+    nv = has_var.sum(axis=0)
+    m_avg = np.where(has_mean, mean, 0.0).sum(axis=0) / np.maximum(nm, 1)
+    unbiased = np.where(has_var, var * count / np.where(has_var, count - 1, 1), 0.0)
+    v_avg = unbiased.sum(axis=0) / np.maximum(nv, 1)
+    new_m = (1.0 - momentum) * running_mean + momentum * m_avg
+    new_v = (1.0 - momentum) * running_var + momentum * v_avg
+    running_mean[...] = np.where(nm > 0, new_m, running_mean)
+    running_var[...] = np.where(nv > 0, new_v, running_var)
+
+
+def backward(g, x, mean, rstd, w, axis, dtype, out, valid: Valid):
+    """``instance_norm_backward`` of the masked forward (arguments already checked)."""
+    from ._api import instance_norm_backward
+
+    if valid.dense:
+        gx, gw, gb = instance_norm_backward(
+            g, x, mean, rstd, w, channel_axis=axis, out=_out_data(out)
+        )
+        return _remask(gx, valid, None), gw, gb
+    out = _out_data(out)
+    lay = canonicalize(x, axis, dtype)
+    N, C = lay.N, lay.C
+    gk, g_copied = as_layout(lay, g, dtype)
+    dx, result, target = prepare_output(lay, x, out, dtype)
+    if out is not None and target is None and not g_copied and np.may_share_memory(out, g):
+        if not _same_memory(dx, gk):  # out partly overlaps grad_output: go through a temporary
+            dx, result, target = np.empty(lay.canonical_shape, dtype), None, out
+    sdy = np.zeros((N, C))
+    sdyx = np.zeros((N, C))
+    if dx.size:
+        xk, gv, dk = _kernel_view(lay.data), _kernel_view(gk), _kernel_view(dx)
+        parallel = _plan(lay)
+        cf = lay.kind == "cf"
+        if valid.lengths is not None:
+            if cf:
+                args = (mean.reshape(-1), rstd.reshape(-1), w, C, sdy.reshape(-1), sdyx.reshape(-1))
+                dispatch(K.cf_bwd_len_fused, parallel, xk, gv, dk, valid.lengths, *args)
+            else:
+                args = (mean, rstd, w, sdy, sdyx)
+                dispatch(K.cl_bwd_len_fused, parallel, xk, gv, dk, valid.lengths, *args)
+        else:
+            mk, Cm = _canonical_mask(valid, lay)
+            count = np.empty((N, C))
+            if cf:
+                dispatch(K.cf_mask_count, parallel, mk, Cm, N * C, C, count.reshape(-1))
+                args = (mean.reshape(-1), rstd.reshape(-1), w, C, sdy.reshape(-1), sdyx.reshape(-1))
+                dispatch(
+                    K.cf_bwd_mask_fused, parallel, xk, gv, dk, mk, Cm, count.reshape(-1), *args
+                )
+            else:
+                dispatch(K.cl_mask_count, parallel, mk, C, count)
+                args = (mean, rstd, w, sdy, sdyx)
+                dispatch(K.cl_bwd_mask_fused, parallel, xk, gv, dk, mk, count, *args)
+    if target is not None:
+        np.copyto(target, lay.restore(dx))
+        result = target
+    return _remask(result, valid, None), sdyx.sum(axis=0), sdy.sum(axis=0)
