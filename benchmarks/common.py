@@ -19,7 +19,9 @@ try:
 except ImportError:  # a commit from before the shared table: nothing to time
     table = None
 
-PARAMS = [list(table.SHAPES), list(table.DTYPES), list(table.LAYOUTS)] if table else [[], [], []]
+DTYPES = list(table.DTYPES) if table else []
+LAYOUTS = list(table.LAYOUTS) if table else []
+PARAMS = [list(table.SHAPES), DTYPES, LAYOUTS] if table else [[], [], []]
 #: run the table's small stand-in shapes instead (the smoke test sets this)
 SMALL = False
 PARAM_NAMES = ["case", "dtype", "layout"]

@@ -486,3 +486,13 @@ def test_memory_script_runs_at_small_scale():
     assert len(r["peak_rss_mib"]) == 2
     assert r["max_abs_mean"] < 1e-6
     assert r["max_abs_var_minus_1"] < 1e-4  # var / (var + eps) with var = 4
+
+
+@pytest.mark.parametrize("kw", [{"mask": np.ones((2, 5), bool)}, {"lengths": [3, 5]}])
+def test_masks_with_a_dask_input_are_refused_clearly(kw):
+    x = da.ones((2, 3, 5), chunks=(1, 3, 5))
+    with pytest.raises(TypeError, match=r"^(mask|lengths)= is not supported with a Dask array x"):
+        instance_norm(x, **kw)
+    _, mean, rstd = instance_norm(np.ones((2, 3, 5)), return_stats=True)
+    with pytest.raises(TypeError, match=r"is not supported with a Dask array x"):
+        instance_norm_backward(x, x, mean, rstd, **kw)

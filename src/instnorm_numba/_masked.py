@@ -23,16 +23,18 @@ import numpy as np
 
 from . import _kernels as K
 from ._api import (
-    _fmt_shape,
     _kernel_view,
     _moved,
     _same_memory,
-    as_array,
     as_layout,
     canonicalize,
-    check_out,
     plan,
     prepare_output,
+)
+from ._args import (
+    _fmt_shape,
+    as_array,
+    check_out,
 )
 from ._jit import dispatch
 

@@ -17,16 +17,18 @@ import numpy as np
 
 from . import _kernels as K
 from ._api import (
-    _fmt_shape,
     _kernel_view,
+    canonicalize,
+    layout_plan,
+    prepare_output,
+)
+from ._args import (
+    _fmt_shape,
     as_array,
     as_input,
-    canonicalize,
     channel_vector,
     check_out,
-    layout_plan,
     normalize_channel_axis,
-    prepare_output,
     real_scalar,
     result_dtype,
     stats_matrix,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _api
+from . import _api, _args
 from . import _kernels as K
 from . import _moments_api as M
 from ._jit import dispatch, num_threads
@@ -128,7 +128,7 @@ class Geometry:
 
     def layout(self, block: np.ndarray):
         arr, ca = self.canon(block)
-        return _api.canonicalize(arr, ca, _api.result_dtype(arr.dtype))
+        return _api.canonicalize(arr, ca, _args.result_dtype(arr.dtype))
 
     def full(self, p: np.ndarray, inst_shape) -> np.ndarray:
         """A parameter block (``param_index``) broadcast to the instance axes' shape."""
@@ -247,11 +247,11 @@ def _apply_block(block, shift, st, w, b, *, geo, out_dtype):
 
 
 def _check_input(x, name="x"):
-    _api.result_dtype(x.dtype, name)
+    _args.result_dtype(x.dtype, name)
     if x.ndim < 3:
         raise ValueError(
             f"{name} must have at least 3 dimensions (N, C, *spatial); got ndim={x.ndim} "
-            f"with shape {_api._fmt_shape(x.shape)}"
+            f"with shape {_args._fmt_shape(x.shape)}"
         )
     if any(math.isnan(s) for s in x.shape):
         raise ValueError(
@@ -268,8 +268,8 @@ def _small_dask(v, name, shape, chunks, *, kinds, what):
         raise TypeError(f"{name} must have {what}; got {dt}")
     if tuple(v.shape) != tuple(shape):
         raise ValueError(
-            f"{name} must have shape {_api._fmt_shape(shape)} to match x; got shape "
-            f"{_api._fmt_shape(v.shape)}"
+            f"{name} must have shape {_args._fmt_shape(shape)} to match x; got shape "
+            f"{_args._fmt_shape(v.shape)}"
         )
     return v.astype(np.float64).rechunk(chunks)
 
@@ -280,7 +280,7 @@ def _channel_param(v, name, C, chunks, default):
         return _small_dask(
             v, name, (C,), chunks, kinds="fiub", what="a real floating, integer or bool dtype"
         )
-    return da.from_array(_api.channel_vector(v, name, C, default), chunks=chunks)
+    return da.from_array(_args.channel_vector(v, name, C, default), chunks=chunks)
 
 
 def _stats_param(v, name, N, C, chunks):
@@ -294,7 +294,7 @@ def _stats_param(v, name, N, C, chunks):
             kinds="f",
             what="a floating dtype (instance_norm returns float64)",
         )
-    return da.from_array(_api.stats_matrix(v, name, N, C), chunks=chunks)
+    return da.from_array(_args.stats_matrix(v, name, N, C), chunks=chunks)
 
 
 def _no_out(out, what):
@@ -419,7 +419,7 @@ def normalize(x, geo: Geometry, w, b, eps, *, stats="input", two_pass=None, want
     ``"computed"`` (statistics computed now, NumPy), or a tuple ``(mean, var)`` of Dask
     arrays over the instance axes (running statistics)."""
     da = _da()
-    dtype = _api.result_dtype(x.dtype)
+    dtype = _args.result_dtype(x.dtype)
     ichunks = tuple(x.chunks[i] for i in geo.inst)
     if isinstance(stats, tuple):
         rm, rv = stats
@@ -504,30 +504,22 @@ def instance_norm(
     if not is_dask_array(x):
         x = da.asarray(x)
     _check_input(x)
-    axis = _api.normalize_channel_axis(channel_axis, x.ndim)
+    axis = _args.normalize_channel_axis(channel_axis, x.ndim)
     N, C = x.shape[0], x.shape[axis]
     cchunks = x.chunks[axis]
     w = _channel_param(weight, "weight", C, cchunks, 1.0)
     b = _channel_param(bias, "bias", C, cchunks, 0.0)
-    eps = _api.real_scalar(eps, "eps", minimum=0.0)
-    momentum = _api.real_scalar(momentum, "momentum")
-    if not isinstance(use_input_stats, (bool, np.bool_)):
-        raise TypeError(f"use_input_stats must be a bool; got {use_input_stats!r}")
-    if not isinstance(return_stats, (bool, np.bool_)):
-        raise TypeError(f"return_stats must be a bool; got {return_stats!r}")
+    eps = _args.real_scalar(eps, "eps", minimum=0.0)
+    momentum = _args.real_scalar(momentum, "momentum")
+    has_running, update = _args.running_options(
+        use_input_stats, return_stats, running_mean, running_var
+    )
     if two_pass is not None and not isinstance(two_pass, (bool, np.bool_)):
         raise TypeError(f"two_pass must be None or a bool; got {two_pass!r}")
-    if (running_mean is None) != (running_var is None):
-        given = "running_mean" if running_var is None else "running_var"
-        raise ValueError(f"running_mean and running_var go together: only {given} was given")
-    has_running = running_mean is not None
-    if not use_input_stats and not has_running:
-        raise ValueError("use_input_stats=False needs running_mean and running_var")
-    update = has_running and bool(use_input_stats)
     ichunks = (x.chunks[0], cchunks)
     if update:
-        running_mean = _api.running_vector(running_mean, "running_mean", C, update=True)
-        running_var = _api.running_vector(running_var, "running_var", C, update=True)
+        running_mean = _args.running_vector(running_mean, "running_mean", C, update=True)
+        running_var = _args.running_vector(running_var, "running_var", C, update=True)
     elif has_running:
         rm_v, rv_v = running_mean, running_var
         running_mean, running_var = (
@@ -536,7 +528,7 @@ def instance_norm(
             )
             if is_dask_array(v)
             else da.from_array(
-                np.asarray(_api.running_vector(v, name, C, update=False)), chunks=cchunks
+                np.asarray(_args.running_vector(v, name, C, update=False)), chunks=cchunks
             )
             for v, name in ((rm_v, "running_mean"), (rv_v, "running_var"))
         )
@@ -546,7 +538,7 @@ def instance_norm(
         raise ValueError(
             f"updating running statistics (running_mean, running_var with use_input_stats=True) "
             f"needs more than 1 spatial element per instance; got x of shape "
-            f"{_api._fmt_shape(x.shape)}"
+            f"{_args._fmt_shape(x.shape)}"
         )
     geo = Geometry(x.ndim, (0, axis), axis)
     if not use_input_stats:
@@ -591,7 +583,7 @@ def _bwd_sums_block(x, g, mean, *, geo):
     """One chunk's backward sums (sum dy, sum (x - mean), sum dy * (x - mean)),
     ``kept_shape + (3,)``."""
     lay = geo.layout(x)
-    dtype = _api.result_dtype(x.dtype)
+    dtype = _args.result_dtype(x.dtype)
     gk, _ = _api.as_layout(lay, geo.canon(g)[0], dtype)
     N, C = lay.N, lay.C
     G, Cp = (N * C, 1) if lay.kind == "cf" else (N, C)
@@ -663,16 +655,16 @@ def instance_norm_backward(
     if not is_dask_array(grad_output):
         grad_output = da.asarray(grad_output)
     _check_input(x)
-    axis = _api.normalize_channel_axis(channel_axis, x.ndim)
-    dtype = _api.result_dtype(x.dtype)
+    axis = _args.normalize_channel_axis(channel_axis, x.ndim)
+    dtype = _args.result_dtype(x.dtype)
     N, C = x.shape[0], x.shape[axis]
     g = _check_input(grad_output, "grad_output")
     if g.shape != x.shape:
         raise ValueError(
-            f"grad_output must have shape {_api._fmt_shape(x.shape)} to match x; got shape "
-            f"{_api._fmt_shape(g.shape)}"
+            f"grad_output must have shape {_args._fmt_shape(x.shape)} to match x; got shape "
+            f"{_args._fmt_shape(g.shape)}"
         )
-    if _api.result_dtype(g.dtype, "grad_output") != dtype or g.dtype.kind != "f":
+    if _args.result_dtype(g.dtype, "grad_output") != dtype or g.dtype.kind != "f":
         raise TypeError(
             f"grad_output must have dtype {dtype} (instance_norm's result dtype for x of dtype "
             f"{x.dtype}); got {g.dtype}"

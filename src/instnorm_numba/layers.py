@@ -27,10 +27,12 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from ._api import (
+    instance_norm,
+)
+from ._args import (
     _fmt_shape,
     as_array,
     as_input,
-    instance_norm,
     normalize_channel_axis,
     real_scalar,
     result_dtype,

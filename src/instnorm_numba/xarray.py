@@ -14,7 +14,7 @@ import contextlib
 
 import numpy as np
 
-from . import _api
+from . import _api, _args
 
 __all__ = ["instance_norm"]
 
@@ -151,8 +151,8 @@ def instance_norm(da, dims, *, weight=None, bias=None, eps=1e-5):
         raise ValueError(f"dims {missing} are not dims of the data; its dims are {list(da.dims)}")
     if len(set(dims)) != len(dims):
         raise ValueError(f"dims must not repeat a dim; got {list(dims)}")
-    dtype = _api.result_dtype(da.dtype, "da")
-    eps = _api.real_scalar(eps, "eps", minimum=0.0)
+    dtype = _args.result_dtype(da.dtype, "da")
+    eps = _args.real_scalar(eps, "eps", minimum=0.0)
     others = tuple(d for d in da.dims if d not in dims)
     w = _param(weight, "weight", da, others)
     b = _param(bias, "bias", da, others)
