@@ -189,10 +189,10 @@ def _rowmask_rows(x2, y2, r0, r1, mode, K, cm, M, a, b, M32, a32, b32):
 
 
 @kernel(fastmath=FM_STRICT)
-def rowmask_normalize(x2, m1, y2, K, cm, a, b):
-    """``y = ((x - K) - cm) * a + b`` on the valid rows, 0 on the others: long runs of valid
-    rows through ``slab_normalize``, short ones row by row."""
-    L = x2.shape[0]
+def apply_mode(x2, K, cm, a, b):
+    """How the valid elements of a slab are normalized, and its coefficients: ``(mode, M,
+    M32, a32, b32)``, mode 2 float16 in float32 arithmetic (``half32_ok``), 1 folded
+    (``|M * a| <= FOLD_LIMIT``), 0 exact; ``M = K + cm``."""
     C = x2.shape[1]
     M = np.empty(C)
     M32 = np.empty(C, np.float32)
@@ -215,6 +215,15 @@ def rowmask_normalize(x2, m1, y2, K, cm, a, b):
             mode = 2
         elif fold:
             mode = 1
+    return mode, M, M32, a32, b32
+
+
+@kernel(fastmath=FM_STRICT)
+def rowmask_normalize(x2, m1, y2, K, cm, a, b):
+    """``y = ((x - K) - cm) * a + b`` on the valid rows, 0 on the others: long runs of valid
+    rows through ``slab_normalize``, short ones row by row."""
+    L = x2.shape[0]
+    mode, M, M32, a32, b32 = apply_mode(x2, K, cm, a, b)
     i = 0
     while i < L:
         j = i + 1
@@ -403,28 +412,7 @@ def slab_mask_normalize(x2, m2, y2, K, cm, a, b):
     if m2.shape[1] == 1 and x2.shape[1] != 1:
         rowmask_normalize(x2, m2[:, 0], y2, K, cm, a, b)
         return
-    C = x2.shape[1]
-    M = np.empty(C)
-    M32 = np.empty(C, np.float32)
-    a32 = np.empty(C, np.float32)
-    b32 = np.empty(C, np.float32)
-    mode = 0
-    if not wide(x2):
-        fold = True
-        h32 = half(x2)
-        for c in range(C):
-            M[c] = K[c] + cm[c]
-            if not abs(M[c] * a[c]) <= FOLD_LIMIT:
-                fold = False
-            if not half32_ok(M[c], a[c], b[c]):
-                h32 = False
-            M32[c] = np.float32(M[c])
-            a32[c] = np.float32(a[c])
-            b32[c] = f64_to_f32_odd(b[c])
-        if h32:
-            mode = 2
-        elif fold:
-            mode = 1
+    mode, M, M32, a32, b32 = apply_mode(x2, K, cm, a, b)
     _elmask_rows(x2, m2, y2, mode, K, cm, M, a, b, M32, a32, b32)
 
 
