@@ -41,7 +41,7 @@ def overhead(shape, chunkings, repeat, dtype="float32"):
     import dask
     import dask.array as da
 
-    from instnorm_numba import dask as inx_dask
+    from instnorm_numba import _dask_blocks as inx_dask
     from instnorm_numba import instance_norm
 
     rng = np.random.default_rng(0)

@@ -22,6 +22,7 @@ from ._args import (
     result_dtype,
     running_options,
     running_vector,
+    spatial_size,
     stats_matrix,
 )
 from ._jit import dispatch, jit_disabled, num_threads, shield_compilation
@@ -415,13 +416,7 @@ def instance_norm(
     if out is not None:
         check_out(out, x.shape, dtype)
     N = x.shape[0]
-    spatial = math.prod(s for i, s in enumerate(x.shape) if i not in (0, axis))
-    if update and spatial <= 1:
-        raise ValueError(
-            f"updating running statistics (running_mean, running_var with use_input_stats=True) "
-            f"needs more than 1 spatial element per instance; got x of shape "
-            f"{_fmt_shape(x.shape)}"
-        )
+    spatial = spatial_size(x.shape, axis, update)
 
     if mask is not None or lengths is not None or ma_mask is not None:
         from . import _masked  # (imports this module)

@@ -187,3 +187,15 @@ def running_options(use_input_stats, return_stats, running_mean, running_var):
     if not use_input_stats and not has_running:
         raise ValueError("use_input_stats=False needs running_mean and running_var")
     return has_running, has_running and bool(use_input_stats)
+
+
+def spatial_size(shape, axis: int, update: bool) -> int:
+    """Elements per instance of an input of ``shape``; refused below 2 when the running
+    statistics are updated (their unbiased variance divides by ``L - 1``)."""
+    L = math.prod(s for i, s in enumerate(shape) if i not in (0, axis))
+    if update and L <= 1:
+        raise ValueError(
+            f"updating running statistics (running_mean, running_var with use_input_stats=True) "
+            f"needs more than 1 spatial element per instance; got x of shape {_fmt_shape(shape)}"
+        )
+    return L

@@ -22,7 +22,7 @@ __all__ = ["instance_norm"]
 def _np_instance_norm(x, w, b, *, k, eps, in_task):
     """The in-memory call on a block whose last ``k`` axes are the normalized dims (serial
     kernels when it is one of many Dask tasks)."""
-    from .dask import _task_threads
+    from ._dask_blocks import _task_threads
 
     lead = x.shape[: x.ndim - k]
     P = int(np.prod(lead))
