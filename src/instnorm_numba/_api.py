@@ -13,9 +13,9 @@ from numpy.typing import ArrayLike
 from . import _kernels as K
 from . import _pool
 from ._args import (
-    _fmt_shape,
     as_input,
     channel_vector,
+    check_grad_output,
     check_out,
     normalize_channel_axis,
     real_scalar,
@@ -601,16 +601,7 @@ def instance_norm_backward(
     dtype = result_dtype(x.dtype)
     N, C = x.shape[0], x.shape[axis]
     g = as_input(grad_output, "grad_output")
-    if g.shape != x.shape:
-        raise ValueError(
-            f"grad_output must have shape {_fmt_shape(x.shape)} to match x; got shape "
-            f"{_fmt_shape(g.shape)}"
-        )
-    if result_dtype(g.dtype, "grad_output") != dtype or g.dtype.kind != "f":
-        raise TypeError(
-            f"grad_output must have dtype {dtype} (instance_norm's result dtype for x of dtype "
-            f"{x.dtype}); got {g.dtype}"
-        )
+    check_grad_output(g, x)
     mean = stats_matrix(mean, "mean", N, C)
     rstd = stats_matrix(rstd, "rstd", N, C)
     w = channel_vector(weight, "weight", C, 1.0)

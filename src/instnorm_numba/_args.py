@@ -199,3 +199,18 @@ def spatial_size(shape, axis: int, update: bool) -> int:
             f"needs more than 1 spatial element per instance; got x of shape {_fmt_shape(shape)}"
         )
     return L
+
+
+def check_grad_output(g, x) -> None:
+    """``grad_output`` of ``x``'s shape and of the forward's result dtype for ``x``."""
+    dtype = result_dtype(x.dtype)
+    if g.shape != x.shape:
+        raise ValueError(
+            f"grad_output must have shape {_fmt_shape(x.shape)} to match x; got shape "
+            f"{_fmt_shape(g.shape)}"
+        )
+    if result_dtype(g.dtype, "grad_output") != dtype or g.dtype.kind != "f":
+        raise TypeError(
+            f"grad_output must have dtype {dtype} (instance_norm's result dtype for x of dtype "
+            f"{x.dtype}); got {g.dtype}"
+        )

@@ -432,16 +432,7 @@ def instance_norm_backward(
     dtype = _args.result_dtype(x.dtype)
     N, C = x.shape[0], x.shape[axis]
     g = _check_input(grad_output, "grad_output")
-    if g.shape != x.shape:
-        raise ValueError(
-            f"grad_output must have shape {_args._fmt_shape(x.shape)} to match x; got shape "
-            f"{_args._fmt_shape(g.shape)}"
-        )
-    if _args.result_dtype(g.dtype, "grad_output") != dtype or g.dtype.kind != "f":
-        raise TypeError(
-            f"grad_output must have dtype {dtype} (instance_norm's result dtype for x of dtype "
-            f"{x.dtype}); got {g.dtype}"
-        )
+    _args.check_grad_output(g, x)
     cchunks = x.chunks[axis]
     ichunks = (x.chunks[0], cchunks)
     mean = _stats_param(mean, "mean", N, C, ichunks)

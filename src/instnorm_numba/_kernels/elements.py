@@ -70,15 +70,22 @@ def _target_has_f16c() -> bool:
 HAS_F16C = _target_has_f16c()
 
 
-@intrinsic
-def _half_bits_to_f64(typingctx, h):
-    """uint16 bit pattern -> float64 through LLVM's ``half`` (exact; F16C hosts only)."""
-    sig = types.float64(types.uint16)
+def _half_widening(to_type, to_ir):
+    """An intrinsic: uint16 bit pattern -> ``to_type`` through LLVM's ``half`` (exact; F16C
+    hosts only)."""
 
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.DoubleType())
+    @intrinsic
+    def widen(typingctx, h):
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), to_ir)
 
-    return sig, codegen
+        return to_type(types.uint16), codegen
+
+    return widen
+
+
+_half_bits_to_f64 = _half_widening(types.float64, ir.DoubleType())
+_half_bits_to_f32 = _half_widening(types.float32, ir.FloatType())
 
 
 @intrinsic
@@ -147,6 +154,15 @@ _LOW29 = (1 << 29) - 1
 
 
 @kernel(fastmath=FM_STRICT)
+def f64_to_f32_odd(v):
+    """float64 -> float32 rounded to odd (see ``f64_to_half_f16c``): rounding that value to
+    float16 afterwards rounds ``v`` once, correctly."""
+    b = np.float64(v).view(np.int64)
+    t = np.int64((b | ((b & _LOW29) + _LOW29)) & ~_LOW29)
+    return np.float32(t.view(np.float64))
+
+
+@kernel(fastmath=FM_STRICT)
 def f64_to_half_f16c(v):
     """float64 -> IEEE binary16 bit pattern, rounded to nearest, ties to even, by ``vcvtps2ph``.
 
@@ -160,20 +176,7 @@ def f64_to_half_f16c(v):
     sign.  A NaN keeps a payload bit, so stays NaN.  Integer operations only: it vectorizes,
     and costs half of doing the rounding to odd through a float32 round trip.
     """
-    b = np.float64(v).view(np.int64)
-    t = np.int64((b | ((b & _LOW29) + _LOW29)) & ~_LOW29)
-    return _f32_to_half_bits(np.float32(t.view(np.float64)))
-
-
-@intrinsic
-def _half_bits_to_f32(typingctx, h):
-    """uint16 bit pattern -> float32 through LLVM's ``half`` (exact; F16C hosts only)."""
-    sig = types.float32(types.uint16)
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return sig, codegen
+    return _f32_to_half_bits(f64_to_f32_odd(v))
 
 
 @kernel(fastmath=FM_STRICT)
@@ -184,15 +187,6 @@ def half_to_f32_soft(h):
 @kernel(fastmath=FM_STRICT)
 def f32_to_half_soft(v):
     return f64_to_half_soft(np.float64(v))
-
-
-@kernel(fastmath=FM_STRICT)
-def f64_to_f32_odd(v):
-    """float64 -> float32 rounded to odd (see ``f64_to_half_f16c``): rounding that value to
-    float16 afterwards rounds ``v`` once, correctly."""
-    b = np.float64(v).view(np.int64)
-    t = np.int64((b | ((b & _LOW29) + _LOW29)) & ~_LOW29)
-    return np.float32(t.view(np.float64))
 
 
 if HAS_F16C:
