@@ -180,22 +180,22 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:80]
 
 
-def _torch():
+def _torch(threads: int):
+    """(torch, F) set to ``threads`` threads, or None when PyTorch is not installed."""
     try:
         import torch
         import torch.nn.functional as F
     except ImportError:
         return None
+    torch.set_num_threads(threads)
     return torch, F
 
 
 def torch_forward(x, weight, bias, channel_axis: int, threads: int):
     """PyTorch CPU ``F.instance_norm`` (channels-last data: a ``channels_last`` tensor)."""
-    mods = _torch()
-    if mods is None:
+    if (mods := _torch(threads)) is None:
         return None, "not installed"
     torch, F = mods
-    torch.set_num_threads(threads)
     t = torch.from_numpy(x)
     if channel_axis == -1:  # NHWC memory, NCHW logical shape: torch's channels_last
         t = t.movedim(-1, 1)
@@ -215,11 +215,9 @@ def torch_forward(x, weight, bias, channel_axis: int, threads: int):
 
 def torch_backward(x, weight, dy, channel_axis: int, threads: int):
     """PyTorch autograd's backward of ``F.instance_norm`` alone (the graph is built once)."""
-    mods = _torch()
-    if mods is None:
+    if (mods := _torch(threads)) is None:
         return None, "not installed"
     torch, F = mods
-    torch.set_num_threads(threads)
     t = torch.from_numpy(x.copy())
     g = torch.from_numpy(dy)
     if channel_axis == -1:
