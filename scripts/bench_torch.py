@@ -29,111 +29,13 @@ import time
 import numba
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import instnorm_numba
 from instnorm_numba import torch as bridge
+from instnorm_numba._networks import DynUNet, StyleNet
 
 CL = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
-# --------------------------------------------------------------------------------------------
-# the networks
-
-
-class UNetBlock(nn.Module):
-    """MONAI's UnetBasicBlock: (conv 3, InstanceNorm3d(affine=True), LeakyReLU(0.01)) x 2."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv3d(cin, cout, 3, stride, 1, bias=False)
-        self.norm1 = nn.InstanceNorm3d(cout, affine=True)
-        self.conv2 = nn.Conv3d(cout, cout, 3, 1, 1, bias=False)
-        self.norm2 = nn.InstanceNorm3d(cout, affine=True)
-        self.act = nn.LeakyReLU(0.01)
-
-    def forward(self, x):
-        x = self.act(self.norm1(self.conv1(x)))
-        return self.act(self.norm2(self.conv2(x)))
-
-
-class DynUNet(nn.Module):
-    """MONAI DynUNet-style: strided-conv encoder (filters ``widths``, stride 1 then 2),
-    transposed-conv decoder with skip concatenations, 1x1x1 head. The default, four levels
-    (filters 32, 64, 128, 256: 96^3 down to 12^3), has 14 InstanceNorm3d(affine=True);
-    nnU-Net's 96^3 plan, ``widths=(32, 64, 128, 256, 320, 320)``, adds two levels at 6^3 and
-    3^3 (22 norms), where the norms cost next to nothing."""
-
-    def __init__(self, cin=1, cout=3, widths=(32, 64, 128, 256)):
-        super().__init__()
-        self.enc = nn.ModuleList()
-        c = cin
-        for i, w in enumerate(widths):
-            self.enc.append(UNetBlock(c, w, 1 if i == 0 else 2))
-            c = w
-        self.up = nn.ModuleList()
-        self.dec = nn.ModuleList()
-        for w in reversed(widths[:-1]):
-            self.up.append(nn.ConvTranspose3d(c, w, 2, 2, bias=False))
-            self.dec.append(UNetBlock(2 * w, w, 1))
-            c = w
-        self.head = nn.Conv3d(c, cout, 1)
-
-    def forward(self, x):
-        skips = []
-        for block in self.enc:
-            x = block(x)
-            skips.append(x)
-        for up, dec, skip in zip(self.up, self.dec, reversed(skips[:-1]), strict=True):
-            x = dec(torch.cat([up(x), skip], dim=1))
-        return self.head(x)
-
-
-class ConvIN(nn.Module):
-    def __init__(self, cin, cout, k, stride=1, relu=True, upsample=False):
-        super().__init__()
-        self.upsample = upsample
-        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, padding_mode="reflect")
-        self.norm = nn.InstanceNorm2d(cout, affine=True)
-        self.relu = relu
-
-    def forward(self, x):
-        if self.upsample:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
-        x = self.norm(self.conv(x))
-        return F.relu(x) if self.relu else x
-
-
-class Residual(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.a = ConvIN(c, c, 3)
-        self.b = ConvIN(c, c, 3, relu=False)
-
-    def forward(self, x):
-        return x + self.b(self.a(x))
-
-
-class StyleNet(nn.Module):
-    """Johnson et al. (2016) with instance norm (the PyTorch examples' fast_neural_style):
-    9x9 conv 32, 3x3/2 conv 64, 3x3/2 conv 128, five residual blocks, two upsampling convs,
-    9x9 conv 3; 15 InstanceNorm2d(affine=True)."""
-
-    def __init__(self, width=32, blocks=5):
-        super().__init__()
-        w = width
-        self.down = nn.Sequential(
-            ConvIN(3, w, 9), ConvIN(w, 2 * w, 3, 2), ConvIN(2 * w, 4 * w, 3, 2)
-        )
-        self.res = nn.Sequential(*[Residual(4 * w) for _ in range(blocks)])
-        self.up = nn.Sequential(
-            ConvIN(4 * w, 2 * w, 3, upsample=True), ConvIN(2 * w, w, 3, upsample=True)
-        )
-        self.out = nn.Conv2d(w, 3, 9, 1, 4, padding_mode="reflect")
-
-    def forward(self, x):
-        return self.out(self.up(self.res(self.down(x))))
 
 
 # --------------------------------------------------------------------------------------------

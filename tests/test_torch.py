@@ -24,8 +24,9 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import instnorm_numba  # noqa: E402
-from instnorm_numba import _api  # noqa: E402
+from instnorm_numba import _api, _networks  # noqa: E402
 from instnorm_numba import torch as bridge  # noqa: E402
+from instnorm_numba._networks import DynUNet  # noqa: E402
 
 CL = {4: torch.channels_last, 5: torch.channels_last_3d}
 EPS = {torch.float16: 2.0**-10, torch.float32: 2.0**-23, torch.float64: 2.0**-52}
@@ -454,95 +455,19 @@ def test_convert_root_subclasses_and_bad_arguments():
 
 
 # --------------------------------------------------------------------------------------------
-# the two client networks, written here
+# the two client networks (instnorm_numba._networks, shared with scripts/bench_torch.py),
+# small, with running statistics in some norms
 
 
-class UNetBlock(nn.Module):
-    """MONAI's UnetBasicBlock: (conv, instance norm, leaky ReLU) twice."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv3d(cin, cout, 3, stride, 1, bias=False)
-        self.norm1 = nn.InstanceNorm3d(cout, affine=True, track_running_stats=True)
-        self.conv2 = nn.Conv3d(cout, cout, 3, 1, 1, bias=False)
-        self.norm2 = nn.InstanceNorm3d(cout, affine=True)  # MONAI's default: no running stats
-        self.act = nn.LeakyReLU(0.01)
-
-    def forward(self, x):
-        x = self.act(self.norm1(self.conv1(x)))
-        return self.act(self.norm2(self.conv2(x)))
+def UNet3d(width=4):
+    """A MONAI DynUNet-style 3-D U-Net of three levels; the first norm of every block tracks
+    running statistics (MONAI's default tracks none)."""
+    return DynUNet(cin=1, cout=2, widths=(width, 2 * width, 4 * width), track_first=True)
 
 
-class UNet3d(nn.Module):
-    """A MONAI DynUNet-style 3-D U-Net: strided-conv encoder, transposed-conv decoder, skips."""
-
-    def __init__(self, cin=1, cout=2, width=4):
-        super().__init__()
-        w = width
-        self.enc1 = UNetBlock(cin, w, 1)
-        self.enc2 = UNetBlock(w, 2 * w, 2)
-        self.bottom = UNetBlock(2 * w, 4 * w, 2)
-        self.up2 = nn.ConvTranspose3d(4 * w, 2 * w, 2, 2, bias=False)
-        self.dec2 = UNetBlock(4 * w, 2 * w, 1)
-        self.up1 = nn.ConvTranspose3d(2 * w, w, 2, 2, bias=False)
-        self.dec1 = UNetBlock(2 * w, w, 1)
-        self.head = nn.Conv3d(w, cout, 1)
-
-    def forward(self, x):
-        e1 = self.enc1(x)
-        e2 = self.enc2(e1)
-        b = self.bottom(e2)
-        d2 = self.dec2(torch.cat([self.up2(b), e2], dim=1))
-        d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))
-        return self.head(d1)
-
-
-class ConvIN(nn.Module):
-    def __init__(self, cin, cout, k, stride=1, relu=True, upsample=False, track=False):
-        super().__init__()
-        self.upsample = upsample
-        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, padding_mode="reflect")
-        self.norm = nn.InstanceNorm2d(cout, affine=True, track_running_stats=track)
-        self.relu = relu
-
-    def forward(self, x):
-        if self.upsample:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
-        x = self.norm(self.conv(x))
-        return F.relu(x) if self.relu else x
-
-
-class Residual(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.a = ConvIN(c, c, 3)
-        self.b = ConvIN(c, c, 3, relu=False)
-
-    def forward(self, x):
-        return x + self.b(self.a(x))
-
-
-class StyleNet(nn.Module):
-    """Johnson et al.'s fast style transfer network, narrow: 9x9 conv, two strided convs,
-    residual blocks, two upsampling convs, 9x9 conv; InstanceNorm2d(affine=True) throughout,
-    the upsampling ones tracking running statistics (the reference implementation does not;
-    here they are for the test)."""
-
-    def __init__(self, width=8, blocks=2):
-        super().__init__()
-        w = width
-        self.down = nn.Sequential(
-            ConvIN(3, w, 9), ConvIN(w, 2 * w, 3, 2), ConvIN(2 * w, 4 * w, 3, 2)
-        )
-        self.res = nn.Sequential(*[Residual(4 * w) for _ in range(blocks)])
-        self.up = nn.Sequential(
-            ConvIN(4 * w, 2 * w, 3, upsample=True, track=True),
-            ConvIN(2 * w, w, 3, upsample=True, track=True),
-        )
-        self.out = nn.Conv2d(w, 3, 9, 1, 4, padding_mode="reflect")
-
-    def forward(self, x):
-        return self.out(self.up(self.res(self.down(x))))
+def StyleNet(width=8, blocks=2):
+    """Johnson et al.'s network, narrow; the upsampling norms track running statistics."""
+    return _networks.StyleNet(width=width, blocks=blocks, track_up=True)
 
 
 def norms(net):
