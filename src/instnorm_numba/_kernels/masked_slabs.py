@@ -1,19 +1,15 @@
 """Masks, channels-last slabs: statistics over the valid elements only, forward and backward.
 
 A mask is canonical like ``x``: ``(N, L, Cm)`` of ``uint8`` 0/1, ``Cm`` being 1 (one mask for
-every channel) or ``C``. Moments are the dense ones with a select: ``d = x - K`` where valid,
-``0`` elsewhere (a select, never a product, so a NaN or Inf in an invalid position cannot reach
-the sums), the count of valid elements taken per block in the same loop, the blocks merged with
-Chan et al.'s update weighted by their counts (``moments.merge_moments``). The shift ``K`` is a
-valid element (the first), or for long float32/float16 rows the mean of the valid elements of
-the first block, which keeps the one-pass bound of ``moments`` with ``n0 >= 1``. float64 keeps
-the corrected two-pass blocks. The apply is the dense one (folded when the dtype allows, float16
-in float32 arithmetic when ``half32_ok``) followed by a select of 0. One mask for all channels
-is a row mask: blocks whose rows are all valid go through the dense block kernels, and runs of
-at least ``RUN_MIN_ROWS`` valid rows through ``slab_normalize``; other rows branch.
+every channel) or ``C``.  The arithmetic is that of ``masked_rows`` (a select of ``x - K``, a
+count per block, counts-weighted merges, a valid element or the mean of the first block's valid
+elements as the shift, the dense apply then a select of 0), per channel.
 
-An instance with no valid element gets NaN statistics, zeros in its output and zero sums in the
-backward. The counts are returned (float64) for the running update.
+One mask for all channels is a row mask: the dense slab code takes it (``slabs.slab_moments``
+and ``slabs_backward.slab_bwd_sums`` with a row mask: blocks whose rows are all valid go
+through the dense block kernels), and runs of at least ``RUN_MIN_ROWS`` valid rows go through
+the dense apply; other rows branch.  A mask per channel selects each element.  An instance
+with no valid element gets NaN statistics, zeros in its output and zero sums in the backward.
 """
 
 from __future__ import annotations
@@ -23,13 +19,8 @@ from numba import prange
 
 from .._jit import FM_APPLY, FM_REDUCE, FM_STRICT, kernel
 from .elements import (
-    FOLD_LIMIT,
     _sub,
-    affine_like,
     cast_like,
-    f64_to_f32_odd,
-    half,
-    half32_ok,
     to64,
     wide,
 )
@@ -37,91 +28,17 @@ from .lengths import zero_rows
 from .masked_rows import first_valid
 from .moments import merge_moments
 from .slabs import (
+    apply_mode,
     rowmask_block_sum,
     slab_block_rows,
     slab_coeffs,
     slab_moments,
-    slab_normalize,
+    slab_normalize_mode,
 )
 from .slabs_backward import bwd_workspace, slab_bwd_coeffs, slab_bwd_sums
 
-#: channels-last row masks: runs of at least this many valid rows use the dense apply
-RUN_MIN_ROWS = 16
-
 # --------------------------------------------------------------------------------------------
 # masks, channels-last slabs: x (N, L, C), mask (N, L, Cm)
-
-
-@kernel(fastmath=FM_APPLY)
-def _rowmask_rows(x2, y2, r0, r1, mode, K, cm, M, a, b, M32, a32, b32):
-    """Rows ``r0:r1`` (all valid) one by one: mode 2 float16 in float32, 1 folded, 0 exact."""
-    C = x2.shape[1]
-    for i in range(r0, r1):
-        xr = x2[i]
-        yr = y2[i]
-        if mode == 2:
-            for c in range(C):
-                yr[c] = affine_like(xr[c], M32[c], a32[c], b32[c], yr)
-        elif mode == 1:
-            for c in range(C):
-                yr[c] = affine_like(xr[c], M[c], a[c], b[c], yr)
-        else:
-            for c in range(C):
-                d = _sub(_sub(to64(xr[c]), K[c]), cm[c])
-                yr[c] = cast_like(d * a[c] + b[c], yr)
-
-
-@kernel(fastmath=FM_STRICT)
-def apply_mode(x2, K, cm, a, b):
-    """How the valid elements of a slab are normalized, and its coefficients: ``(mode, M,
-    M32, a32, b32)``, mode 2 float16 in float32 arithmetic (``half32_ok``), 1 folded
-    (``|M * a| <= FOLD_LIMIT``), 0 exact; ``M = K + cm``."""
-    C = x2.shape[1]
-    M = np.empty(C)
-    M32 = np.empty(C, np.float32)
-    a32 = np.empty(C, np.float32)
-    b32 = np.empty(C, np.float32)
-    mode = 0
-    if not wide(x2):
-        fold = True
-        h32 = half(x2)
-        for c in range(C):
-            M[c] = K[c] + cm[c]
-            if not abs(M[c] * a[c]) <= FOLD_LIMIT:
-                fold = False
-            if not half32_ok(M[c], a[c], b[c]):
-                h32 = False
-            M32[c] = np.float32(M[c])
-            a32[c] = np.float32(a[c])
-            b32[c] = f64_to_f32_odd(b[c])
-        if h32:
-            mode = 2
-        elif fold:
-            mode = 1
-    return mode, M, M32, a32, b32
-
-
-@kernel(fastmath=FM_STRICT)
-def rowmask_normalize(x2, m1, y2, K, cm, a, b):
-    """``y = ((x - K) - cm) * a + b`` on the valid rows, 0 on the others: long runs of valid
-    rows through ``slab_normalize``, short ones row by row."""
-    L = x2.shape[0]
-    mode, M, M32, a32, b32 = apply_mode(x2, K, cm, a, b)
-    i = 0
-    while i < L:
-        j = i + 1
-        if m1[i] != 0:
-            while j < L and m1[j] != 0:
-                j += 1
-            if j - i >= RUN_MIN_ROWS:
-                slab_normalize(x2, y2, i, j, K, cm, a, b)
-            else:
-                _rowmask_rows(x2, y2, i, j, mode, K, cm, M, a, b, M32, a32, b32)
-        else:
-            while j < L and m1[j] == 0:
-                j += 1
-            zero_rows(y2, i, j)
-        i = j
 
 
 @kernel(fastmath=FM_STRICT)
@@ -273,37 +190,50 @@ def elmask_moments(x2, m2, K, mean, m2out, count):
 
 
 @kernel(fastmath=FM_APPLY)
-def _elmask_rows(x2, m2, y2, mode, K, cm, M, a, b, M32, a32, b32):
-    L = x2.shape[0]
-    C = x2.shape[1]
-    for i in range(L):
-        xr = x2[i]
-        mr = m2[i]
-        yr = y2[i]
-        z = cast_like(0.0, yr)
-        if mode == 2:
+def _zero_invalid(y2, m2, r0, r1):
+    """``y = 0`` where the mask ``m2`` ((L, 1): whole rows, or (L, C)) is not set, rows
+    ``r0:r1``."""
+    C = y2.shape[1]
+    z = cast_like(0.0, y2)
+    if m2.shape[1] == 1 and C != 1:
+        for i in range(r0, r1):
+            if m2[i, 0] == 0:
+                yr = y2[i]
+                for c in range(C):
+                    yr[c] = z
+    else:
+        for i in range(r0, r1):
+            yr = y2[i]
+            mr = m2[i]
             for c in range(C):
-                v = affine_like(xr[c], M32[c], a32[c], b32[c], yr)
-                yr[c] = v if mr[c] != 0 else z
-        elif mode == 1:
-            for c in range(C):
-                v = affine_like(xr[c], M[c], a[c], b[c], yr)
-                yr[c] = v if mr[c] != 0 else z
-        else:
-            for c in range(C):
-                d = _sub(_sub(to64(xr[c]), K[c]), cm[c])
-                v = cast_like(d * a[c] + b[c], yr)
-                yr[c] = v if mr[c] != 0 else z
+                yr[c] = yr[c] if mr[c] != 0 else z
 
 
 @kernel(fastmath=FM_STRICT)
 def slab_mask_normalize(x2, m2, y2, K, cm, a, b):
-    """``y = ((x - K) - cm) * a + b`` where ``m2`` (shape (L, 1) or (L, C)) is set, else 0."""
-    if m2.shape[1] == 1 and x2.shape[1] != 1:
-        rowmask_normalize(x2, m2[:, 0], y2, K, cm, a, b)
-        return
+    """``y = ((x - K) - cm) * a + b`` where ``m2`` (shape (L, 1) or (L, C)) is set, else 0.
+
+    Block by block (the rows of a statistics block, in cache): a block with no valid element
+    is zero-filled, any other goes through the dense apply (``slabs.slab_normalize_mode``,
+    vector code included), then its invalid positions are set to 0 while they are in cache.
+    Row by row with a test each (as masks with short runs need) was twice the dense apply."""
+    L = x2.shape[0]
     mode, M, M32, a32, b32 = apply_mode(x2, K, cm, a, b)
-    _elmask_rows(x2, m2, y2, mode, K, cm, M, a, b, M32, a32, b32)
+    rb = slab_block_rows(x2)
+    r0 = 0
+    while r0 < L:
+        r1 = min(r0 + rb, L)
+        nvalid = 0
+        for i in range(r0, r1):
+            for c in range(m2.shape[1]):
+                nvalid += m2[i, c]
+        if nvalid == 0:
+            zero_rows(y2, r0, r1)
+        else:
+            slab_normalize_mode(x2, y2, r0, r1, mode, K, cm, M, a, b, M32, a32, b32)
+            if nvalid != (r1 - r0) * m2.shape[1]:
+                _zero_invalid(y2, m2, r0, r1)
+        r0 = r1
 
 
 @kernel(fastmath=FM_STRICT, parallel=True)

@@ -390,12 +390,17 @@ def _slab_apply_folded(x2, y2, r0, r1, M, a, b):
 
 
 @kernel(fastmath=FM_STRICT)
-def slab_normalize(x2, y2, r0, r1, K, cm, a, b):
-    """``y = ((x - K) - cm) * a + b`` per channel; one subtraction when the dtype leaves room
-    (see ``row_normalize``)."""
+def apply_mode(x2, K, cm, a, b):
+    """How the valid elements of a slab are normalized, and its coefficients: ``(mode, M,
+    M32, a32, b32)``, mode 2 float16 in float32 arithmetic (``half32_ok``), 1 folded
+    (``|M * a| <= FOLD_LIMIT``), 0 exact; ``M = K + cm``."""
+    C = x2.shape[1]
+    M = np.empty(C)
+    M32 = np.empty(C, np.float32)
+    a32 = np.empty(C, np.float32)
+    b32 = np.empty(C, np.float32)
+    mode = 0
     if not wide(x2):
-        C = x2.shape[1]
-        M = np.empty(C)
         fold = True
         h32 = half(x2)
         for c in range(C):
@@ -404,22 +409,35 @@ def slab_normalize(x2, y2, r0, r1, K, cm, a, b):
                 fold = False
             if not half32_ok(M[c], a[c], b[c]):
                 h32 = False
-        if h32:  # float16 in float32 arithmetic (see "float16 data" above)
-            M32 = np.empty(C, np.float32)
-            a32 = np.empty(C, np.float32)
-            b32 = np.empty(C, np.float32)
-            for c in range(C):
-                M32[c] = np.float32(M[c])
-                a32[c] = np.float32(a[c])
-                b32[c] = f64_to_f32_odd(b[c])
-            _slab_apply_folded(x2, y2, r0, r1, M32, a32, b32)
-            return
-        if fold:
-            # (few channels would fill a fraction of each 16-lane vector: swept flat instead)
-            if C < CL_PERIODIC_C or not cl_apply_vec(x2, y2, r0, r1, M, a, b):
-                _slab_apply_folded(x2, y2, r0, r1, M, a, b)
-            return
-    slab_apply(x2, y2, r0, r1, K, cm, a, b)
+            M32[c] = np.float32(M[c])
+            a32[c] = np.float32(a[c])
+            b32[c] = f64_to_f32_odd(b[c])
+        if h32:
+            mode = 2
+        elif fold:
+            mode = 1
+    return mode, M, M32, a32, b32
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_normalize_mode(x2, y2, r0, r1, mode, K, cm, M, a, b, M32, a32, b32):
+    """``slab_normalize`` with the choice and coefficients of ``apply_mode`` made already."""
+    if mode == 2:  # float16 in float32 arithmetic (see "float16 data" in ``elements``)
+        _slab_apply_folded(x2, y2, r0, r1, M32, a32, b32)
+    elif mode == 1:
+        # (few channels would fill a fraction of each 16-lane vector: swept flat instead)
+        if x2.shape[1] < CL_PERIODIC_C or not cl_apply_vec(x2, y2, r0, r1, M, a, b):
+            _slab_apply_folded(x2, y2, r0, r1, M, a, b)
+    else:
+        slab_apply(x2, y2, r0, r1, K, cm, a, b)
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_normalize(x2, y2, r0, r1, K, cm, a, b):
+    """``y = ((x - K) - cm) * a + b`` per channel; one subtraction when the dtype leaves room
+    (see ``row_normalize``)."""
+    mode, M, M32, a32, b32 = apply_mode(x2, K, cm, a, b)
+    slab_normalize_mode(x2, y2, r0, r1, mode, K, cm, M, a, b, M32, a32, b32)
 
 
 # --------------------------------------------------------------------------------------------
