@@ -20,6 +20,7 @@ from numba import prange
 from .._jit import FM_APPLY, FM_REDUCE, FM_STRICT, kernel
 from .elements import (
     _sub,
+    affine_like,
     cast_like,
     to64,
     wide,
@@ -37,8 +38,53 @@ from .slabs import (
 )
 from .slabs_backward import bwd_workspace, slab_bwd_coeffs, slab_bwd_sums
 
+#: channels-last row masks: runs of at least this many valid rows use the dense apply
+RUN_MIN_ROWS = 16
+
 # --------------------------------------------------------------------------------------------
 # masks, channels-last slabs: x (N, L, C), mask (N, L, Cm)
+
+
+@kernel(fastmath=FM_APPLY)
+def _rowmask_rows(x2, y2, r0, r1, mode, K, cm, M, a, b, M32, a32, b32):
+    """Rows ``r0:r1`` (all valid) one by one: mode 2 float16 in float32, 1 folded, 0 exact."""
+    C = x2.shape[1]
+    for i in range(r0, r1):
+        xr = x2[i]
+        yr = y2[i]
+        if mode == 2:
+            for c in range(C):
+                yr[c] = affine_like(xr[c], M32[c], a32[c], b32[c], yr)
+        elif mode == 1:
+            for c in range(C):
+                yr[c] = affine_like(xr[c], M[c], a[c], b[c], yr)
+        else:
+            for c in range(C):
+                d = _sub(_sub(to64(xr[c]), K[c]), cm[c])
+                yr[c] = cast_like(d * a[c] + b[c], yr)
+
+
+@kernel(fastmath=FM_STRICT)
+def rowmask_normalize(x2, m1, y2, K, cm, a, b):
+    """``y = ((x - K) - cm) * a + b`` on the valid rows, 0 on the others: long runs of valid
+    rows through ``slab_normalize``, short ones row by row."""
+    L = x2.shape[0]
+    mode, M, M32, a32, b32 = apply_mode(x2, K, cm, a, b)
+    i = 0
+    while i < L:
+        j = i + 1
+        if m1[i] != 0:
+            while j < L and m1[j] != 0:
+                j += 1
+            if j - i >= RUN_MIN_ROWS:
+                slab_normalize_mode(x2, y2, i, j, mode, K, cm, M, a, b, M32, a32, b32)
+            else:
+                _rowmask_rows(x2, y2, i, j, mode, K, cm, M, a, b, M32, a32, b32)
+        else:
+            while j < L and m1[j] == 0:
+                j += 1
+            zero_rows(y2, i, j)
+        i = j
 
 
 @kernel(fastmath=FM_STRICT)
@@ -190,50 +236,37 @@ def elmask_moments(x2, m2, K, mean, m2out, count):
 
 
 @kernel(fastmath=FM_APPLY)
-def _zero_invalid(y2, m2, r0, r1):
-    """``y = 0`` where the mask ``m2`` ((L, 1): whole rows, or (L, C)) is not set, rows
-    ``r0:r1``."""
-    C = y2.shape[1]
-    z = cast_like(0.0, y2)
-    if m2.shape[1] == 1 and C != 1:
-        for i in range(r0, r1):
-            if m2[i, 0] == 0:
-                yr = y2[i]
-                for c in range(C):
-                    yr[c] = z
-    else:
-        for i in range(r0, r1):
-            yr = y2[i]
-            mr = m2[i]
+def _elmask_rows(x2, m2, y2, mode, K, cm, M, a, b, M32, a32, b32):
+    L = x2.shape[0]
+    C = x2.shape[1]
+    for i in range(L):
+        xr = x2[i]
+        mr = m2[i]
+        yr = y2[i]
+        z = cast_like(0.0, yr)
+        if mode == 2:
             for c in range(C):
-                yr[c] = yr[c] if mr[c] != 0 else z
+                v = affine_like(xr[c], M32[c], a32[c], b32[c], yr)
+                yr[c] = v if mr[c] != 0 else z
+        elif mode == 1:
+            for c in range(C):
+                v = affine_like(xr[c], M[c], a[c], b[c], yr)
+                yr[c] = v if mr[c] != 0 else z
+        else:
+            for c in range(C):
+                d = _sub(_sub(to64(xr[c]), K[c]), cm[c])
+                v = cast_like(d * a[c] + b[c], yr)
+                yr[c] = v if mr[c] != 0 else z
 
 
 @kernel(fastmath=FM_STRICT)
 def slab_mask_normalize(x2, m2, y2, K, cm, a, b):
-    """``y = ((x - K) - cm) * a + b`` where ``m2`` (shape (L, 1) or (L, C)) is set, else 0.
-
-    Block by block (the rows of a statistics block, in cache): a block with no valid element
-    is zero-filled, any other goes through the dense apply (``slabs.slab_normalize_mode``,
-    vector code included), then its invalid positions are set to 0 while they are in cache.
-    Row by row with a test each (as masks with short runs need) was twice the dense apply."""
-    L = x2.shape[0]
+    """``y = ((x - K) - cm) * a + b`` where ``m2`` (shape (L, 1) or (L, C)) is set, else 0."""
+    if m2.shape[1] == 1 and x2.shape[1] != 1:
+        rowmask_normalize(x2, m2[:, 0], y2, K, cm, a, b)
+        return
     mode, M, M32, a32, b32 = apply_mode(x2, K, cm, a, b)
-    rb = slab_block_rows(x2)
-    r0 = 0
-    while r0 < L:
-        r1 = min(r0 + rb, L)
-        nvalid = 0
-        for i in range(r0, r1):
-            for c in range(m2.shape[1]):
-                nvalid += m2[i, c]
-        if nvalid == 0:
-            zero_rows(y2, r0, r1)
-        else:
-            slab_normalize_mode(x2, y2, r0, r1, mode, K, cm, M, a, b, M32, a32, b32)
-            if nvalid != (r1 - r0) * m2.shape[1]:
-                _zero_invalid(y2, m2, r0, r1)
-        r0 = r1
+    _elmask_rows(x2, m2, y2, mode, K, cm, M, a, b, M32, a32, b32)
 
 
 @kernel(fastmath=FM_STRICT, parallel=True)

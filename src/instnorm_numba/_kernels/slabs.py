@@ -315,8 +315,11 @@ def slab_moments(x2, r0, r1, K, mean, m2, m1=None):
     With a row mask ``m1`` (one flag per row, for every channel), over its valid rows only."""
     C = x2.shape[1]
     rb = slab_block_rows(x2)
-    w5 = np.zeros((5, C))  # the compensations, then block workspace
-    cmean, comp, mb, m2b, sd = w5[0], w5[1], w5[2], w5[3], w5[4]
+    cmean = np.zeros(C)
+    comp = np.zeros(C)
+    mb = np.empty(C)
+    m2b = np.empty(C)
+    sd = np.empty(C)
     mean[:] = 0.0
     m2[:] = 0.0
     n = 0.0
@@ -467,8 +470,10 @@ def slab_fused(x2, y2, w, b, eps, mean_out, var_out):
     """Statistics and normalization of one slab ``(L, C)``, every row valid."""
     C = x2.shape[1]
     L = x2.shape[0]
-    w4 = np.empty((4, C))
-    K, cm, m2, a = w4[0], w4[1], w4[2], w4[3]
+    K = np.empty(C)
+    cm = np.empty(C)
+    m2 = np.empty(C)
+    a = np.empty(C)
     slab_pilot(x2, K)
     slab_moments(x2, 0, L, K, cm, m2)
     slab_coeffs(float(L), K, cm, m2, w, eps, a, mean_out, var_out)
