@@ -315,7 +315,7 @@ def slab_moments(x2, r0, r1, K, mean, m2, m1=None):
     With a row mask ``m1`` (one flag per row, for every channel), over its valid rows only."""
     C = x2.shape[1]
     rb = slab_block_rows(x2)
-    cmean = np.zeros(C)
+    cmean = np.zeros(C)  # (separate arrays: rows of one (5, C) array measured slower)
     comp = np.zeros(C)
     mb = np.empty(C)
     m2b = np.empty(C)

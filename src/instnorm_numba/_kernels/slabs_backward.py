@@ -138,8 +138,12 @@ def slab_bwd_sums(x2, g2, r0, r1, m, S0, S1, S2, m2=None):
     totals are compensated, and fewer blocks mean fewer strict scalar merges per channel."""
     C = x2.shape[1]
     rb = slab_block_rows(x2)
-    w6 = np.zeros((6, C))  # block sums, then their compensations
-    b0, b1, b2, c0, c1, c2 = w6[0], w6[1], w6[2], w6[3], w6[4], w6[5]
+    b0 = np.empty(C)
+    b1 = np.empty(C)
+    b2 = np.empty(C)
+    c0 = np.zeros(C)
+    c1 = np.zeros(C)
+    c2 = np.zeros(C)
     for c in range(C):
         S0[c] = 0.0
         S1[c] = 0.0
@@ -164,9 +168,10 @@ def slab_bwd_sums(x2, g2, r0, r1, m, S0, S1, S2, m2=None):
 
 @kernel(fastmath=FM_STRICT)
 def bwd_workspace(C):
-    """``(S0, S1, S2, xbar, a, mdy, k)``: per-channel sums and coefficients of one slab."""
-    w7 = np.empty((7, C))
-    return w7[0], w7[1], w7[2], w7[3], w7[4], w7[5], w7[6]
+    """``(S0, S1, S2, xbar, a, mdy, k)``: per-channel sums and coefficients of one slab
+    (separate arrays: rows of one (7, C) array measured slower, as in ``slabs.slab_moments``)."""
+    return (np.empty(C), np.empty(C), np.empty(C), np.empty(C), np.empty(C), np.empty(C),
+            np.empty(C))  # fmt: skip
 
 
 @kernel(fastmath=FM_STRICT)
