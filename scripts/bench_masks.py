@@ -9,6 +9,10 @@ The audio case: ``16 x 80 x 3000`` (N, C, L) with ``lengths`` drawn uniformly be
 * ``mask`` (the same prefixes as a boolean ``(N, L)`` mask, and a random mask of density 0.5,
   shared by the channels and per channel) over the dense call on the full array.
 
+``--few-long`` times the other extreme too: one instance of ``FEW_LONG`` elements (N = C = 1),
+which the dense kernels split across the threads and the masked ones (a task per row or slab)
+do not.
+
 Run under the bench lock (the machine is shared):
 
     flock /work/bench.lock python scripts/bench_masks.py [--dtype float32] [--layout both]
@@ -78,6 +82,38 @@ def case(dtype: str, layout: str, seed: int = 0):
     )
 
 
+#: the one-instance case of ``--few-long``: (N, C, L)
+FEW_LONG = (1, 1, 1 << 21)
+
+
+def run_few_long(dtype: str, layout: str, blocks: int, number: int):
+    """Dense against lengths and a random mask on one long instance."""
+    rng = np.random.default_rng(1)
+    N, C, L = FEW_LONG
+    x = (rng.standard_normal(FEW_LONG, dtype=np.float32) * 2.0 + 0.5).astype(dtype)
+    axis = 1
+    if layout == "channels_last":
+        axis = -1
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    out = np.empty_like(x)
+    lengths = np.array([L * 3 // 4])
+    random_mask = rng.random((N, L)) < 0.5
+    fns = {
+        "dense_full": lambda: instance_norm(x, channel_axis=axis, out=out),
+        "lengths": lambda: instance_norm(x, channel_axis=axis, out=out, lengths=lengths),
+        "mask_random": lambda: instance_norm(x, channel_axis=axis, out=out, mask=random_mask),
+    }
+    for f in fns.values():
+        f()
+        f()
+    t, tmin = _median_ms(fns, blocks, number)
+    ratios = {}
+    for tag, tt in (("", t), ("min ", tmin)):
+        ratios[tag + "lengths / dense_full"] = tt["lengths"] / tt["dense_full"]
+        ratios[tag + "mask_random / dense_full"] = tt["mask_random"] / tt["dense_full"]
+    return t, tmin, ratios
+
+
 def run(dtype: str, layout: str, blocks: int, number: int):
     d = case(dtype, layout)
     x, ax = d["x"], d["axis"]
@@ -128,6 +164,7 @@ def main(argv=None):
     p.add_argument("--number", type=int, default=10)
     p.add_argument("--json", default=None)
     p.add_argument("--threads", type=int, default=0, help="numba.set_num_threads (0: default)")
+    p.add_argument("--few-long", action="store_true", help=f"one instance {FEW_LONG} instead")
     a = p.parse_args(argv)
     dtypes = ["float32", "float16", "float64"] if a.dtype == "all" else [a.dtype]
     layouts = ["channels_first", "channels_last"] if a.layout == "both" else [a.layout]
@@ -135,12 +172,14 @@ def main(argv=None):
 
     if a.threads:
         numba.set_num_threads(a.threads)
-    report = {"shape": SHAPE, "lengths": [LOW, HIGH], "threads": numba.get_num_threads()}
+    report = {"shape": FEW_LONG if a.few_long else SHAPE, "threads": numba.get_num_threads()}
+    report["lengths"] = [LOW, HIGH]
     for dt in dtypes:
         for lay in layouts:
-            t, tmin, r = run(dt, lay, a.blocks, a.number)
+            t, tmin, r = (run_few_long if a.few_long else run)(dt, lay, a.blocks, a.number)
             report[f"{dt}/{lay}"] = {"median_ms": t, "min_ms": tmin, "ratios": r}
-            print(f"{'x'.join(map(str, SHAPE))} {dt} {lay} (threads={report['threads']})")
+            shape = FEW_LONG if a.few_long else SHAPE
+            print(f"{'x'.join(map(str, shape))} {dt} {lay} (threads={report['threads']})")
             for k, v in t.items():
                 print(f"  {k:<22s} {v:8.3f} ms median {tmin[k]:8.3f} ms min")
             for k, v in r.items():

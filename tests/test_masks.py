@@ -231,6 +231,65 @@ def test_lengths_equal_the_same_mask_and_the_dense_prefix(channel_axis, dtype):
         np.testing.assert_array_equal(y[sl], dense)
 
 
+@pytest.mark.parametrize("per", [1, 80])
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_balanced_tasks_cover_every_row_once_in_equal_shares(per, threads):
+    """The lengths kernels' split of rows (slabs) between threads: contiguous runs in order,
+    covering each row once, each within one row's cost of an equal share."""
+    from instnorm_numba._kernels.lengths import ZERO_COST, balanced_tasks
+
+    r = rng((per, threads, "tasks"))
+    L = 3000
+    for lengths in (r.integers(1000, L + 1, 16), np.array([L, 0, 0, 5, L, 1]), np.zeros(3, int)):
+        lengths = lengths.astype(np.int64)
+        T, bounds = balanced_tasks(lengths, per, L, threads)
+        n = lengths.size * per
+        assert T == max(1, min(n, threads)) and bounds.shape == (T + 1,)
+        assert bounds[0] == 0 and bounds[-1] == n and np.all(np.diff(bounds) >= 0)
+        row_len = np.repeat(lengths, per)
+        cost = row_len + ZERO_COST * (L - row_len)
+        share = cost.sum() / T
+        for t in range(T):
+            run = cost[bounds[t] : bounds[t + 1]].sum()
+            assert abs(run - share) <= cost.max() + 1e-9 * share
+
+
+@pytest.mark.parametrize("channel_axis", LAYOUTS)
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_lengths_uneven_on_threads_forward_and_backward(channel_axis, dtype):
+    """Large enough for the parallel kernels (above 65536 elements), lengths from 0 to L in
+    a batch ordered so that a split by row count would be very uneven."""
+    r = rng((channel_axis, dtype, "uneven"))
+    N, C, L = 12, 8, 1500
+    lengths = np.sort(r.integers(0, L + 1, N))
+    lengths[:3] = [0, 1, 2]
+    x = to_layout(make(r, (N, C, L), dtype, 1.5), channel_axis)
+    w, b = r.standard_normal(C), r.standard_normal(C)
+    check(x, weight=w, bias=b, channel_axis=channel_axis, lengths=lengths)
+    dy = make(r, x.shape, ref.result_dtype(x.dtype))
+    check_backward(dy, x, weight=w, channel_axis=channel_axis, lengths=lengths)
+    rm, rv = np.zeros(C), np.ones(C)  # the running-statistics apply kernels
+    check(x, weight=w, bias=b, channel_axis=channel_axis, lengths=lengths, running_mean=rm,
+          running_var=rv, use_input_stats=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("kind", ["shared", "per"])
+@pytest.mark.parametrize("C", [1, 3, 20])
+def test_channels_last_mask_blocks_empty_full_and_mixed(dtype, kind, C):
+    """The channels-last masked apply goes block by block (no valid element, all valid,
+    mixed): a mask with long empty and full stretches and random ones, NaN where invalid."""
+    r = rng((dtype, kind, C, "blocks"))
+    N, L = 3, 4000
+    x = make(r, (N, L, C), dtype, 2.0)
+    m = random_mask(r, x.shape, -1, kind, p=0.5)
+    m[:, 200:1700] = False
+    m[:, 2000:3500] = True
+    v = valid_of(x.shape, -1, mask=m)
+    x[~v] = np.nan
+    check(x, weight=r.standard_normal(C), bias=r.standard_normal(C), channel_axis=-1, mask=m)
+
+
 def test_lengths_and_masks_on_an_empty_batch_and_empty_spatial():
     x = np.zeros((0, 3, 5), np.float32)
     y, mean, rstd = instance_norm(x, lengths=np.zeros(0, int), return_stats=True)

@@ -36,7 +36,7 @@ from ._args import (
     as_array,
     check_out,
 )
-from ._jit import dispatch
+from ._jit import dispatch, num_threads
 
 __all__ = ["Valid", "resolve", "forward", "backward", "valid_mask"]
 
@@ -213,6 +213,7 @@ def forward(
     N, C = lay.N, lay.C
     xk, yk = _kernel_view(lay.data), _kernel_view(y)
     parallel = _plan(lay)
+    T = num_threads() if parallel else 1  # (the lengths kernels share out rows by cost)
     cf = lay.kind == "cf"
     if valid.lengths is not None:
         lengths, mk, Cm = valid.lengths, None, 0
@@ -228,9 +229,9 @@ def forward(
             if y.size and lengths is not None:
                 if cf:
                     stats = (mean.reshape(-1), var.reshape(-1))
-                    dispatch(K.cf_len_fused, parallel, xk, yk, lengths, w, b, C, eps, *stats)
+                    dispatch(K.cf_len_fused, parallel, xk, yk, lengths, T, w, b, C, eps, *stats)
                 else:
-                    dispatch(K.cl_len_fused, parallel, xk, yk, lengths, w, b, eps, mean, var)
+                    dispatch(K.cl_len_fused, parallel, xk, yk, lengths, T, w, b, eps, mean, var)
             elif y.size:
                 if cf:
                     stats = (mean.reshape(-1), var.reshape(-1), count.reshape(-1))
@@ -252,11 +253,11 @@ def forward(
                 if cf:
                     rows = (mean.reshape(-1), a.reshape(-1), bb.reshape(-1))
                     if lengths is not None:
-                        dispatch(K.cf_len_apply, parallel, xk, yk, lengths, C, *rows)
+                        dispatch(K.cf_len_apply, parallel, xk, yk, lengths, T, C, *rows)
                     else:
                         dispatch(K.cf_mask_apply, parallel, xk, mk, Cm, yk, C, *rows)
                 elif lengths is not None:
-                    dispatch(K.cl_len_apply, parallel, xk, yk, lengths, mean, a, bb)
+                    dispatch(K.cl_len_apply, parallel, xk, yk, lengths, T, mean, a, bb)
                 else:
                     dispatch(K.cl_mask_apply, parallel, xk, mk, yk, mean, a, bb)
         if target is not None:
@@ -308,14 +309,15 @@ def backward(g, x, mean, rstd, w, axis, dtype, out, valid: Valid):
     if dx.size:
         xk, gv, dk = _kernel_view(lay.data), _kernel_view(gk), _kernel_view(dx)
         parallel = _plan(lay)
+        T = num_threads() if parallel else 1
         cf = lay.kind == "cf"
         if valid.lengths is not None:
             if cf:
                 args = (mean.reshape(-1), rstd.reshape(-1), w, C, sdy.reshape(-1), sdyx.reshape(-1))
-                dispatch(K.cf_bwd_len_fused, parallel, xk, gv, dk, valid.lengths, *args)
+                dispatch(K.cf_bwd_len_fused, parallel, xk, gv, dk, valid.lengths, T, *args)
             else:
                 args = (mean, rstd, w, sdy, sdyx)
-                dispatch(K.cl_bwd_len_fused, parallel, xk, gv, dk, valid.lengths, *args)
+                dispatch(K.cl_bwd_len_fused, parallel, xk, gv, dk, valid.lengths, T, *args)
         else:
             mk, Cm = _canonical_mask(valid, lay)
             count = np.empty((N, C))

@@ -72,14 +72,17 @@ split                                the part holding each instance's first elem
                                      Serial twins inside each part's task
 ``lengths=`` (one spatial axis)      ``cf_len_fused`` / ``cl_len_fused``: the dense row or
                                      slab machinery on the valid prefix ``x[r, :len]`` /
-                                     ``x[n, :len]``, the padding zero-filled; a task per row /
-                                     slab, never split.  ``*_len_apply`` with running
-                                     statistics, ``*_bwd_len_fused`` backward
+                                     ``x[n, :len]``, the padding zero-filled; one contiguous
+                                     run of rows / slabs per thread, of equal cost
+                                     (``lengths.balanced_tasks``), never split.  ``*_len_apply``
+                                     with running statistics, ``*_bwd_len_fused`` backward
 ``mask=`` (or a MaskedArray)         ``cf_mask_fused``: a row per task, moments with a select
                                      and a count per block.  ``cl_mask_fused``: a slab per
-                                     task; one mask for all channels is a row mask (all-valid
-                                     blocks and runs of valid rows take the dense block and
-                                     apply kernels), a mask per channel selects each element.
+                                     task; one mask for all channels is a row mask
+                                     (``slabs.slab_moments`` / ``slab_bwd_sums`` with a row
+                                     mask: all-valid blocks take the dense block kernels; runs
+                                     of valid rows the dense apply), a mask per channel
+                                     selects each element.
                                      ``*_mask_apply``, ``*_mask_count``, ``*_bwd_mask_fused``
 every element valid                  the dense kernels (``_masked.forward``)
 ===================================  =========================================================

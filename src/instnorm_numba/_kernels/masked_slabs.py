@@ -1,19 +1,15 @@
 """Masks, channels-last slabs: statistics over the valid elements only, forward and backward.
 
 A mask is canonical like ``x``: ``(N, L, Cm)`` of ``uint8`` 0/1, ``Cm`` being 1 (one mask for
-every channel) or ``C``. Moments are the dense ones with a select: ``d = x - K`` where valid,
-``0`` elsewhere (a select, never a product, so a NaN or Inf in an invalid position cannot reach
-the sums), the count of valid elements taken per block in the same loop, the blocks merged with
-Chan et al.'s update weighted by their counts (``moments.merge_moments``). The shift ``K`` is a
-valid element (the first), or for long float32/float16 rows the mean of the valid elements of
-the first block, which keeps the one-pass bound of ``moments`` with ``n0 >= 1``. float64 keeps
-the corrected two-pass blocks. The apply is the dense one (folded when the dtype allows, float16
-in float32 arithmetic when ``half32_ok``) followed by a select of 0. One mask for all channels
-is a row mask: blocks whose rows are all valid go through the dense block kernels, and runs of
-at least ``RUN_MIN_ROWS`` valid rows through ``slab_normalize``; other rows branch.
+every channel) or ``C``.  The arithmetic is that of ``masked_rows`` (a select of ``x - K``, a
+count per block, counts-weighted merges, a valid element or the mean of the first block's valid
+elements as the shift, the dense apply then a select of 0), per channel.
 
-An instance with no valid element gets NaN statistics, zeros in its output and zero sums in the
-backward. The counts are returned (float64) for the running update.
+One mask for all channels is a row mask: the dense slab code takes it (``slabs.slab_moments``
+and ``slabs_backward.slab_bwd_sums`` with a row mask: blocks whose rows are all valid go
+through the dense block kernels), and runs of at least ``RUN_MIN_ROWS`` valid rows go through
+the dense apply; other rows branch.  A mask per channel selects each element.  An instance
+with no valid element gets NaN statistics, zeros in its output and zero sums in the backward.
 """
 
 from __future__ import annotations
@@ -23,150 +19,30 @@ from numba import prange
 
 from .._jit import FM_APPLY, FM_REDUCE, FM_STRICT, kernel
 from .elements import (
-    FOLD_LIMIT,
     _sub,
     affine_like,
     cast_like,
-    f64_to_f32_odd,
-    half,
-    half32_ok,
     to64,
     wide,
 )
 from .lengths import zero_rows
-from .moments import (
-    bwd_coeffs,
-    merge_moments,
-    neumaier_add,
-)
+from .masked_rows import first_valid
+from .moments import merge_moments
 from .slabs import (
-    _slab_block_onepass,
-    _slab_block_twopass,
+    apply_mode,
+    rowmask_block_sum,
     slab_block_rows,
-    slab_normalize,
+    slab_coeffs,
+    slab_moments,
+    slab_normalize_mode,
 )
+from .slabs_backward import bwd_workspace, slab_bwd_coeffs, slab_bwd_sums
 
 #: channels-last row masks: runs of at least this many valid rows use the dense apply
 RUN_MIN_ROWS = 16
 
 # --------------------------------------------------------------------------------------------
 # masks, channels-last slabs: x (N, L, C), mask (N, L, Cm)
-
-
-@kernel(fastmath=FM_REDUCE)
-def _rowmask_block_sum(x2, m1, b, e, K, mb):
-    """Per-channel sum of x - K over the valid rows of ``b:e`` into ``mb``; the row count."""
-    C = x2.shape[1]
-    for c in range(C):
-        mb[c] = 0.0
-    cnt = 0
-    for i in range(b, e):
-        if m1[i] != 0:
-            xr = x2[i]
-            for c in range(C):
-                mb[c] += _sub(to64(xr[c]), K[c])
-            cnt += 1
-    return cnt
-
-
-@kernel(fastmath=FM_REDUCE)
-def _rowmask_block_m2(x2, m1, b, e, K, mb, m2b, sd):
-    C = x2.shape[1]
-    for c in range(C):
-        sd[c] = 0.0
-        m2b[c] = 0.0
-    for i in range(b, e):
-        if m1[i] != 0:
-            xr = x2[i]
-            for c in range(C):
-                d = _sub(_sub(to64(xr[c]), K[c]), mb[c])
-                sd[c] += d
-                m2b[c] += d * d
-
-
-@kernel(fastmath=FM_REDUCE)
-def _rowmask_block_sums(x2, m1, b, e, K, mb, m2b):
-    C = x2.shape[1]
-    for c in range(C):
-        mb[c] = 0.0
-        m2b[c] = 0.0
-    cnt = 0
-    for i in range(b, e):
-        if m1[i] != 0:
-            xr = x2[i]
-            for c in range(C):
-                d = _sub(to64(xr[c]), K[c])
-                mb[c] += d
-                m2b[c] += d * d
-            cnt += 1
-    return cnt
-
-
-@kernel(fastmath=FM_STRICT)
-def rowmask_block(x2, m1, b, e, K, mb, m2b, sd):
-    """Per-channel (mean of x - K, M2) of the valid rows of ``b:e``; the row count.  A block of
-    valid rows only goes through the dense block kernels."""
-    C = x2.shape[1]
-    full = 0
-    for i in range(b, e):
-        full += m1[i]
-    if full == e - b:
-        if wide(x2):
-            _slab_block_twopass(x2, b, e, K, mb, m2b, sd)
-        else:
-            _slab_block_onepass(x2, b, e, K, mb, m2b)
-        return full
-    if full == 0:
-        return 0
-    nb = float(full)
-    if wide(x2):
-        _rowmask_block_sum(x2, m1, b, e, K, mb)
-        for c in range(C):
-            mb[c] /= nb
-        _rowmask_block_m2(x2, m1, b, e, K, mb, m2b, sd)
-        for c in range(C):
-            mb[c] += sd[c] / nb
-            v = m2b[c] - sd[c] * (sd[c] / nb)
-            m2b[c] = 0.0 if v < 0.0 else v
-    else:
-        _rowmask_block_sums(x2, m1, b, e, K, mb, m2b)
-        for c in range(C):
-            s1 = mb[c]
-            mb[c] = s1 / nb
-            v = m2b[c] - s1 * mb[c]
-            m2b[c] = 0.0 if v < 0.0 else v
-    return full
-
-
-@kernel(fastmath=FM_STRICT)
-def rowmask_moments(x2, m1, K, mean, m2):
-    """Per-channel (mean of x - K, M2) over the valid rows of a slab; the row count."""
-    L = x2.shape[0]
-    C = x2.shape[1]
-    rb = slab_block_rows(x2)
-    comp = np.zeros(C)
-    cmean = np.zeros(C)
-    mb = np.empty(C)
-    m2b = np.empty(C)
-    sd = np.empty(C)
-    mean[:] = 0.0
-    m2[:] = 0.0
-    n = 0.0
-    b = 0
-    while b < L:
-        e = min(b + rb, L)
-        nb = float(rowmask_block(x2, m1, b, e, K, mb, m2b, sd))
-        if nb > 0.0:
-            for c in range(C):
-                _, mean[c], cmean[c], m2[c], comp[c] = merge_moments(
-                    n, mean[c], cmean[c], m2[c], comp[c], nb, mb[c], m2b[c]
-                )
-            n += nb
-        b = e
-    for c in range(C):
-        mean[c] += cmean[c]
-        m2[c] += comp[c]
-    return n
 
 
 @kernel(fastmath=FM_APPLY)
@@ -189,36 +65,6 @@ def _rowmask_rows(x2, y2, r0, r1, mode, K, cm, M, a, b, M32, a32, b32):
 
 
 @kernel(fastmath=FM_STRICT)
-def apply_mode(x2, K, cm, a, b):
-    """How the valid elements of a slab are normalized, and its coefficients: ``(mode, M,
-    M32, a32, b32)``, mode 2 float16 in float32 arithmetic (``half32_ok``), 1 folded
-    (``|M * a| <= FOLD_LIMIT``), 0 exact; ``M = K + cm``."""
-    C = x2.shape[1]
-    M = np.empty(C)
-    M32 = np.empty(C, np.float32)
-    a32 = np.empty(C, np.float32)
-    b32 = np.empty(C, np.float32)
-    mode = 0
-    if not wide(x2):
-        fold = True
-        h32 = half(x2)
-        for c in range(C):
-            M[c] = K[c] + cm[c]
-            if not abs(M[c] * a[c]) <= FOLD_LIMIT:
-                fold = False
-            if not half32_ok(M[c], a[c], b[c]):
-                h32 = False
-            M32[c] = np.float32(M[c])
-            a32[c] = np.float32(a[c])
-            b32[c] = f64_to_f32_odd(b[c])
-        if h32:
-            mode = 2
-        elif fold:
-            mode = 1
-    return mode, M, M32, a32, b32
-
-
-@kernel(fastmath=FM_STRICT)
 def rowmask_normalize(x2, m1, y2, K, cm, a, b):
     """``y = ((x - K) - cm) * a + b`` on the valid rows, 0 on the others: long runs of valid
     rows through ``slab_normalize``, short ones row by row."""
@@ -231,7 +77,7 @@ def rowmask_normalize(x2, m1, y2, K, cm, a, b):
             while j < L and m1[j] != 0:
                 j += 1
             if j - i >= RUN_MIN_ROWS:
-                slab_normalize(x2, y2, i, j, K, cm, a, b)
+                slab_normalize_mode(x2, y2, i, j, mode, K, cm, M, a, b, M32, a32, b32)
             else:
                 _rowmask_rows(x2, y2, i, j, mode, K, cm, M, a, b, M32, a32, b32)
         else:
@@ -242,11 +88,18 @@ def rowmask_normalize(x2, m1, y2, K, cm, a, b):
 
 
 @kernel(fastmath=FM_STRICT)
-def _first_row(m1):
-    for i in range(m1.shape[0]):
-        if m1[i] != 0:
-            return i
-    return -1
+def rowmask_shift(x2, m1, K, mb):
+    """K[c] = the first valid row's element, plus the mean of the valid rows of the first
+    block from there (see ``masked_rows.mrow_shift``); 0 without a valid row."""
+    f = first_valid(m1)
+    if f < 0:
+        K[:] = 0.0
+        return
+    for c in range(x2.shape[1]):
+        K[c] = to64(x2[f, c])
+    rows = rowmask_block_sum(x2, m1, f, min(x2.shape[0], f + slab_block_rows(x2)), K, mb)
+    for c in range(x2.shape[1]):
+        K[c] += mb[c] / rows
 
 
 # per-channel masks: each element selected
@@ -423,40 +276,18 @@ def cl_mask_fused(x, mask, y, w, b, eps, mean_out, var_out, count_out):
     C = x.shape[2]
     per_channel = mask.shape[2] != 1 or C == 1
     for n in prange(N):
-        K = np.empty(C)
-        cm = np.empty(C)
-        m2 = np.empty(C)
-        a = np.empty(C)
-        cnt = np.empty(C)
+        w4 = np.empty((4, C))
+        K, cm, m2, a = w4[0], w4[1], w4[2], w4[3]
         x2 = x[n]
+        cnt = count_out[n]
         if per_channel:
             elmask_shift(x2, mask[n], K)
             elmask_moments(x2, mask[n], K, cm, m2, cnt)
         else:
             m1 = mask[n, :, 0]
-            f = _first_row(m1)
-            for c in range(C):
-                K[c] = to64(x2[f, c]) if f >= 0 else 0.0
-            if f >= 0:  # the mean of the first block's valid rows (see ``mrow_shift``)
-                rows = _rowmask_block_sum(
-                    x2, m1, f, min(x2.shape[0], f + slab_block_rows(x2)), K, cm
-                )
-                for c in range(C):
-                    K[c] += cm[c] / rows
-            rows = rowmask_moments(x2, m1, K, cm, m2)
-            for c in range(C):
-                cnt[c] = rows
-        for c in range(C):
-            if cnt[c] == 0.0:
-                mean_out[n, c] = np.nan
-                var_out[n, c] = np.nan
-                a[c] = 0.0
-            else:
-                var = m2[c] / cnt[c]
-                a[c] = (1.0 / np.sqrt(var + eps)) * w[c]
-                mean_out[n, c] = K[c] + cm[c]
-                var_out[n, c] = var
-            count_out[n, c] = cnt[c]
+            rowmask_shift(x2, m1, K, cm)
+            cnt[:] = slab_moments(x2, 0, x2.shape[0], K, cm, m2, m1)
+        slab_coeffs(cnt, K, cm, m2, w, eps, a, mean_out[n], var_out[n])
         slab_mask_normalize(x2, mask[n], y[n], K, cm, a, b)
 
 
@@ -472,66 +303,6 @@ def cl_mask_apply(x, mask, y, mean, a, b):
 
 # backward, channels-last masks (one mask for all channels or one per channel, each element
 # selected)
-
-
-@kernel(fastmath=FM_REDUCE)
-def _slab_mbwd_block(x2, g2, m2, b, e, mu, per, s0, s1, s2):
-    C = x2.shape[1]
-    for c in range(C):
-        s0[c] = 0.0
-        s1[c] = 0.0
-        s2[c] = 0.0
-    for i in range(b, e):
-        xr = x2[i]
-        gr = g2[i]
-        mr = m2[i]
-        if per:
-            for c in range(C):
-                v = mr[c] != 0
-                g = to64(gr[c]) if v else 0.0
-                d = _sub(to64(xr[c]), mu[c]) if v else 0.0
-                s0[c] += g
-                s1[c] += d
-                s2[c] += g * d
-        elif mr[0] != 0:
-            for c in range(C):
-                g = to64(gr[c])
-                d = _sub(to64(xr[c]), mu[c])
-                s0[c] += g
-                s1[c] += d
-                s2[c] += g * d
-
-
-@kernel(fastmath=FM_STRICT)
-def slab_mbwd_sums(x2, g2, m2, mu, S0, S1, S2):
-    """Per-channel masked backward sums of a slab, block totals compensated."""
-    L = x2.shape[0]
-    C = x2.shape[1]
-    per = m2.shape[1] != 1 or C == 1
-    rb = slab_block_rows(x2)
-    b0 = np.empty(C)
-    b1 = np.empty(C)
-    b2 = np.empty(C)
-    c0 = np.zeros(C)
-    c1 = np.zeros(C)
-    c2 = np.zeros(C)
-    for c in range(C):
-        S0[c] = 0.0
-        S1[c] = 0.0
-        S2[c] = 0.0
-    b = 0
-    while b < L:
-        e = min(b + rb, L)
-        _slab_mbwd_block(x2, g2, m2, b, e, mu, per, b0, b1, b2)
-        for c in range(C):
-            S0[c], c0[c] = neumaier_add(S0[c], c0[c], b0[c])
-            S1[c], c1[c] = neumaier_add(S1[c], c1[c], b1[c])
-            S2[c], c2[c] = neumaier_add(S2[c], c2[c], b2[c])
-        b = e
-    for c in range(C):
-        S0[c] += c0[c]
-        S1[c] += c1[c]
-        S2[c] += c2[c]
 
 
 @kernel(fastmath=FM_APPLY)
@@ -564,28 +335,10 @@ def slab_mbwd_apply(x2, g2, m2, o2, mu, xbar, a, mdy, k):
 @kernel(fastmath=FM_STRICT, parallel=True)
 def cl_bwd_mask_fused(x, dy, dx, mask, count, mean, rstd, w, sdy_out, sdyx_out):
     """Both backward sweeps of each masked slab; ``dx`` is 0 where invalid."""
-    N = x.shape[0]
-    C = x.shape[2]
-    for n in prange(N):
-        S0 = np.empty(C)
-        S1 = np.empty(C)
-        S2 = np.empty(C)
-        xbar = np.empty(C)
-        a = np.empty(C)
-        mdy = np.empty(C)
-        k = np.empty(C)
-        slab_mbwd_sums(x[n], dy[n], mask[n], mean[n], S0, S1, S2)
-        for c in range(C):
-            cn = count[n, c]
-            if cn == 0.0:
-                xbar[c] = a[c] = mdy[c] = k[c] = 0.0
-                sdyx_out[n, c] = 0.0
-                sdy_out[n, c] = 0.0
-            else:
-                xbar[c], a[c], mdy[c], k[c], sdyx_out[n, c] = bwd_coeffs(
-                    cn, S0[c], S1[c], S2[c], rstd[n, c], w[c]
-                )
-                sdy_out[n, c] = S0[c]
+    for n in prange(x.shape[0]):
+        S0, S1, S2, xbar, a, mdy, k = bwd_workspace(x.shape[2])
+        slab_bwd_sums(x[n], dy[n], 0, x.shape[1], mean[n], S0, S1, S2, mask[n])
+        slab_bwd_coeffs(count[n], S0, S1, S2, rstd[n], w, xbar, a, mdy, k, sdy_out[n], sdyx_out[n])
         slab_mbwd_apply(x[n], dy[n], mask[n], dx[n], mean[n], xbar, a, mdy, k)
 
 

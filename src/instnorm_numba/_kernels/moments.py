@@ -24,11 +24,27 @@ The backward's per-instance sums become the coefficients of its second sweep her
 
 from __future__ import annotations
 
+from numba import types
+from numba.extending import overload
+
 from .._jit import FM_REDUCE, FM_STRICT, kernel
 from .elements import FOLD_LIMIT, _sub, to64, wide
 
 #: elements per block in a channels-first row (8 KiB of float64: stays in L1)
 BLOCK = 1024
+
+
+def at(v, c):  # pragma: no cover - replaced by the overload inside kernels
+    return v[c] if hasattr(v, "shape") else v
+
+
+@overload(at)
+def _ov_at(v, c):
+    """``v[c]`` of an array, or ``v`` itself: an instance count that is one number for every
+    channel (dense, lengths) or one per channel (masks)."""
+    if isinstance(v, types.Array):
+        return lambda v, c: v[c]
+    return lambda v, c: v
 
 
 @kernel(fastmath=FM_STRICT)

@@ -31,7 +31,7 @@ from .elements import (
     to64,
     wide,
 )
-from .moments import median3, merge_moments, task_span
+from .moments import at, median3, merge_moments, task_span
 from .vector import cl_apply_vec
 
 #: cap on the elements per channels-last row block
@@ -204,13 +204,119 @@ def _slab_block_onepass(x2, b, e, K, mb, m2b):
         m2b[c] = 0.0 if v < 0.0 else v
 
 
+# row masks (``masked_slabs``: one mask for every channel, ``m1[i]`` nonzero for a valid row):
+# the same blocks with the invalid rows skipped, blocks of valid rows only through the dense
+# block kernels above
+
+
+@kernel(fastmath=FM_REDUCE)
+def rowmask_block_sum(x2, m1, b, e, K, mb):
+    """Per-channel sum of x - K over the valid rows of ``b:e`` into ``mb``; the row count."""
+    C = x2.shape[1]
+    for c in range(C):
+        mb[c] = 0.0
+    cnt = 0
+    for i in range(b, e):
+        if m1[i] != 0:
+            xr = x2[i]
+            for c in range(C):
+                mb[c] += _sub(to64(xr[c]), K[c])
+            cnt += 1
+    return cnt
+
+
+@kernel(fastmath=FM_REDUCE)
+def _rowmask_block_m2(x2, m1, b, e, K, mb, m2b, sd):
+    C = x2.shape[1]
+    for c in range(C):
+        sd[c] = 0.0
+        m2b[c] = 0.0
+    for i in range(b, e):
+        if m1[i] != 0:
+            xr = x2[i]
+            for c in range(C):
+                d = _sub(_sub(to64(xr[c]), K[c]), mb[c])
+                sd[c] += d
+                m2b[c] += d * d
+
+
+@kernel(fastmath=FM_REDUCE)
+def _rowmask_block_sums(x2, m1, b, e, K, mb, m2b):
+    C = x2.shape[1]
+    for c in range(C):
+        mb[c] = 0.0
+        m2b[c] = 0.0
+    cnt = 0
+    for i in range(b, e):
+        if m1[i] != 0:
+            xr = x2[i]
+            for c in range(C):
+                d = _sub(to64(xr[c]), K[c])
+                mb[c] += d
+                m2b[c] += d * d
+            cnt += 1
+    return cnt
+
+
 @kernel(fastmath=FM_STRICT)
-def slab_moments(x2, r0, r1, K, mean, m2):
-    """Per-channel (mean of x - K, M2) over rows r0..r1 of a slab; returns the row count."""
+def block_finish(nb, mb, m2b, sd, wide_):
+    """Per-channel sums of a block of ``nb`` elements to (mean, M2), in place: corrected
+    two-pass (``sd`` the residual sums) or one pass (``mb``, ``m2b`` the sums)."""
+    for c in range(mb.shape[0]):
+        if wide_:
+            mb[c] += sd[c] / nb
+            v = m2b[c] - sd[c] * (sd[c] / nb)
+        else:
+            s1 = mb[c]
+            mb[c] = s1 / nb
+            v = m2b[c] - s1 * mb[c]
+        m2b[c] = 0.0 if v < 0.0 else v  # (not max(): NaN must survive)
+
+
+@kernel(fastmath=FM_STRICT)
+def rowmask_block(x2, m1, b, e, K, mb, m2b, sd):
+    """Per-channel (mean of x - K, M2) of the valid rows of ``b:e``; the row count."""
+    full = 0
+    for i in range(b, e):
+        full += m1[i]
+    if full == e - b:
+        if wide(x2):
+            _slab_block_twopass(x2, b, e, K, mb, m2b, sd)
+        else:
+            _slab_block_onepass(x2, b, e, K, mb, m2b)
+        return full
+    if full == 0:
+        return 0
+    nb = float(full)
+    if wide(x2):
+        rowmask_block_sum(x2, m1, b, e, K, mb)
+        for c in range(x2.shape[1]):
+            mb[c] /= nb
+        _rowmask_block_m2(x2, m1, b, e, K, mb, m2b, sd)
+    else:
+        _rowmask_block_sums(x2, m1, b, e, K, mb, m2b)
+    block_finish(nb, mb, m2b, sd, wide(x2))
+    return full
+
+
+@kernel(fastmath=FM_STRICT)
+def merge_channels(n, nb, mean, cmean, m2, comp, mb, m2b):
+    """Fold a block's per-channel ``(mb, m2b)`` of ``nb`` elements into the running moments
+    of ``n`` elements (``moments.merge_moments``, per channel)."""
+    for c in range(mean.shape[0]):
+        _, mean[c], cmean[c], m2[c], comp[c] = merge_moments(
+            n, mean[c], cmean[c], m2[c], comp[c], nb, mb[c], m2b[c]
+        )
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_moments(x2, r0, r1, K, mean, m2, m1=None):
+    """Per-channel (mean of x - K, M2) over rows r0..r1 of a slab; returns the row count.
+    With a row mask ``m1`` (one flag per row, for every channel), over its valid rows only."""
     C = x2.shape[1]
     rb = slab_block_rows(x2)
+    cmean = np.zeros(C)  # (separate arrays: rows of one (5, C) array measured slower)
     comp = np.zeros(C)
-    cmean = np.zeros(C)
     mb = np.empty(C)
     m2b = np.empty(C)
     sd = np.empty(C)
@@ -220,16 +326,17 @@ def slab_moments(x2, r0, r1, K, mean, m2):
     b = r0
     while b < r1:
         e = min(b + rb, r1)
-        nb = float(e - b)
-        if wide(x2):
-            _slab_block_twopass(x2, b, e, K, mb, m2b, sd)
+        if m1 is None:
+            nb = float(e - b)
+            if wide(x2):
+                _slab_block_twopass(x2, b, e, K, mb, m2b, sd)
+            else:
+                _slab_block_onepass(x2, b, e, K, mb, m2b)
         else:
-            _slab_block_onepass(x2, b, e, K, mb, m2b)
-        for c in range(C):
-            _, mean[c], cmean[c], m2[c], comp[c] = merge_moments(
-                n, mean[c], cmean[c], m2[c], comp[c], nb, mb[c], m2b[c]
-            )
-        n += nb
+            nb = float(rowmask_block(x2, m1, b, e, K, mb, m2b, sd))
+        if nb > 0.0:
+            merge_channels(n, nb, mean, cmean, m2, comp, mb, m2b)
+            n += nb
         b = e
     for c in range(C):
         mean[c] += cmean[c]
@@ -286,12 +393,17 @@ def _slab_apply_folded(x2, y2, r0, r1, M, a, b):
 
 
 @kernel(fastmath=FM_STRICT)
-def slab_normalize(x2, y2, r0, r1, K, cm, a, b):
-    """``y = ((x - K) - cm) * a + b`` per channel; one subtraction when the dtype leaves room
-    (see ``row_normalize``)."""
+def apply_mode(x2, K, cm, a, b):
+    """How the valid elements of a slab are normalized, and its coefficients: ``(mode, M,
+    M32, a32, b32)``, mode 2 float16 in float32 arithmetic (``half32_ok``), 1 folded
+    (``|M * a| <= FOLD_LIMIT``), 0 exact; ``M = K + cm``."""
+    C = x2.shape[1]
+    M = np.empty(C)
+    M32 = np.empty(C, np.float32)
+    a32 = np.empty(C, np.float32)
+    b32 = np.empty(C, np.float32)
+    mode = 0
     if not wide(x2):
-        C = x2.shape[1]
-        M = np.empty(C)
         fold = True
         h32 = half(x2)
         for c in range(C):
@@ -300,47 +412,79 @@ def slab_normalize(x2, y2, r0, r1, K, cm, a, b):
                 fold = False
             if not half32_ok(M[c], a[c], b[c]):
                 h32 = False
-        if h32:  # float16 in float32 arithmetic (see "float16 data" above)
-            M32 = np.empty(C, np.float32)
-            a32 = np.empty(C, np.float32)
-            b32 = np.empty(C, np.float32)
-            for c in range(C):
-                M32[c] = np.float32(M[c])
-                a32[c] = np.float32(a[c])
-                b32[c] = f64_to_f32_odd(b[c])
-            _slab_apply_folded(x2, y2, r0, r1, M32, a32, b32)
-            return
-        if fold:
-            # (few channels would fill a fraction of each 16-lane vector: swept flat instead)
-            if C < CL_PERIODIC_C or not cl_apply_vec(x2, y2, r0, r1, M, a, b):
-                _slab_apply_folded(x2, y2, r0, r1, M, a, b)
-            return
-    slab_apply(x2, y2, r0, r1, K, cm, a, b)
+            M32[c] = np.float32(M[c])
+            a32[c] = np.float32(a[c])
+            b32[c] = f64_to_f32_odd(b[c])
+        if h32:
+            mode = 2
+        elif fold:
+            mode = 1
+    return mode, M, M32, a32, b32
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_normalize_mode(x2, y2, r0, r1, mode, K, cm, M, a, b, M32, a32, b32):
+    """``slab_normalize`` with the choice and coefficients of ``apply_mode`` made already."""
+    if mode == 2:  # float16 in float32 arithmetic (see "float16 data" in ``elements``)
+        _slab_apply_folded(x2, y2, r0, r1, M32, a32, b32)
+    elif mode == 1:
+        # (few channels would fill a fraction of each 16-lane vector: swept flat instead)
+        if x2.shape[1] < CL_PERIODIC_C or not cl_apply_vec(x2, y2, r0, r1, M, a, b):
+            _slab_apply_folded(x2, y2, r0, r1, M, a, b)
+    else:
+        slab_apply(x2, y2, r0, r1, K, cm, a, b)
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_normalize(x2, y2, r0, r1, K, cm, a, b):
+    """``y = ((x - K) - cm) * a + b`` per channel; one subtraction when the dtype leaves room
+    (see ``row_normalize``)."""
+    mode, M, M32, a32, b32 = apply_mode(x2, K, cm, a, b)
+    slab_normalize_mode(x2, y2, r0, r1, mode, K, cm, M, a, b, M32, a32, b32)
 
 
 # --------------------------------------------------------------------------------------------
 # channels-last kernels
 
 
+@kernel(fastmath=FM_STRICT)
+def slab_coeffs(n, K, cm, m2, w, eps, a, mean_out, var_out):
+    """Per channel of a slab of ``n`` valid rows: ``a = rstd * w``, the mean and the variance
+    (``n`` a number, or an array of per-channel counts; no valid element: NaN statistics,
+    ``a = 0``)."""
+    for c in range(K.shape[0]):
+        nc = at(n, c)
+        if nc == 0.0:
+            mean_out[c] = np.nan
+            var_out[c] = np.nan
+            a[c] = 0.0
+        else:
+            var = m2[c] / nc
+            a[c] = (1.0 / np.sqrt(var + eps)) * w[c]
+            mean_out[c] = K[c] + cm[c]
+            var_out[c] = var
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_fused(x2, y2, w, b, eps, mean_out, var_out):
+    """Statistics and normalization of one slab ``(L, C)``, every row valid."""
+    C = x2.shape[1]
+    L = x2.shape[0]
+    K = np.empty(C)
+    cm = np.empty(C)
+    m2 = np.empty(C)
+    a = np.empty(C)
+    slab_pilot(x2, K)
+    slab_moments(x2, 0, L, K, cm, m2)
+    slab_coeffs(float(L), K, cm, m2, w, eps, a, mean_out, var_out)
+    slab_normalize(x2, y2, 0, L, K, cm, a, b)
+
+
 @kernel(fastmath=FM_STRICT, parallel=True)
 def cl_fused(x, y, w, b, eps, mean_out, var_out):
     """One task per batch element: per-channel statistics of its slab, then normalization."""
-    N = x.shape[0]
-    L = x.shape[1]
-    C = x.shape[2]
-    for n in prange(N):
-        K = np.empty(C)
-        cm = np.empty(C)
-        m2 = np.empty(C)
-        a = np.empty(C)
-        slab_pilot(x[n], K)
-        slab_moments(x[n], 0, L, K, cm, m2)
-        for c in range(C):
-            var = m2[c] / L
-            a[c] = (1.0 / np.sqrt(var + eps)) * w[c]
-            mean_out[n, c] = K[c] + cm[c]
-            var_out[n, c] = var
-        slab_normalize(x[n], y[n], 0, L, K, cm, a, b)
+    for n in prange(x.shape[0]):
+        slab_fused(x[n], y[n], w, b, eps, mean_out[n], var_out[n])
 
 
 @kernel(fastmath=FM_STRICT, parallel=True)

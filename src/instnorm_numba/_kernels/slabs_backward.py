@@ -14,7 +14,7 @@ from numba import prange
 
 from .._jit import FM_APPLY, FM_REDUCE, FM_STRICT, kernel
 from .elements import _sub, cast_like, to64, wide
-from .moments import bwd_coeffs, bwd_fold, neumaier_add, task_span
+from .moments import at, bwd_coeffs, bwd_fold, neumaier_add, task_span
 from .slabs import (
     CL_PERIODIC_ROWS,
     flat_rows,
@@ -98,9 +98,41 @@ def _slab_bwd_block(x2, g2, b, e, m, s0, s1, s2):
         i += 1
 
 
+@kernel(fastmath=FM_REDUCE)
+def _slab_mbwd_block(x2, g2, m2, b, e, mu, s0, s1, s2):
+    """``_slab_bwd_block`` over the valid elements of a mask ``m2`` of shape (L, 1), one flag
+    a row for every channel, or (L, C), each element selected (``masked_slabs``)."""
+    C = x2.shape[1]
+    per = m2.shape[1] != 1 or C == 1
+    for c in range(C):
+        s0[c] = 0.0
+        s1[c] = 0.0
+        s2[c] = 0.0
+    for i in range(b, e):
+        xr = x2[i]
+        gr = g2[i]
+        mr = m2[i]
+        if per:
+            for c in range(C):
+                v = mr[c] != 0
+                g = to64(gr[c]) if v else 0.0
+                d = _sub(to64(xr[c]), mu[c]) if v else 0.0
+                s0[c] += g
+                s1[c] += d
+                s2[c] += g * d
+        elif mr[0] != 0:
+            for c in range(C):
+                g = to64(gr[c])
+                d = _sub(to64(xr[c]), mu[c])
+                s0[c] += g
+                s1[c] += d
+                s2[c] += g * d
+
+
 @kernel(fastmath=FM_STRICT)
-def slab_bwd_sums(x2, g2, r0, r1, m, S0, S1, S2):
-    """Per-channel sums over rows ``r0:r1`` of a slab into ``S0, S1, S2`` (shape (C,)).
+def slab_bwd_sums(x2, g2, r0, r1, m, S0, S1, S2, m2=None):
+    """Per-channel sums over rows ``r0:r1`` of a slab into ``S0, S1, S2`` (shape (C,)); with a
+    mask ``m2`` over its valid elements only.
 
     Blocks of float32/float16 rows are as large as the forward's one-pass blocks: the block
     totals are compensated, and fewer blocks mean fewer strict scalar merges per channel."""
@@ -119,7 +151,10 @@ def slab_bwd_sums(x2, g2, r0, r1, m, S0, S1, S2):
     b = r0
     while b < r1:
         e = min(b + rb, r1)
-        _slab_bwd_block(x2, g2, b, e, m, b0, b1, b2)
+        if m2 is None:
+            _slab_bwd_block(x2, g2, b, e, m, b0, b1, b2)
+        else:
+            _slab_mbwd_block(x2, g2, m2, b, e, m, b0, b1, b2)
         for c in range(C):
             S0[c], c0[c] = neumaier_add(S0[c], c0[c], b0[c])
             S1[c], c1[c] = neumaier_add(S1[c], c1[c], b1[c])
@@ -129,6 +164,32 @@ def slab_bwd_sums(x2, g2, r0, r1, m, S0, S1, S2):
         S0[c] += c0[c]
         S1[c] += c1[c]
         S2[c] += c2[c]
+
+
+@kernel(fastmath=FM_STRICT)
+def bwd_workspace(C):
+    """``(S0, S1, S2, xbar, a, mdy, k)``: per-channel sums and coefficients of one slab
+    (separate arrays: rows of one (7, C) array measured slower, as in ``slabs.slab_moments``)."""
+    return (np.empty(C), np.empty(C), np.empty(C), np.empty(C), np.empty(C), np.empty(C),
+            np.empty(C))  # fmt: skip
+
+
+@kernel(fastmath=FM_STRICT)
+def slab_bwd_coeffs(n, S0, S1, S2, rstd, w, xbar, a, mdy, k, sdy_out, sdyx_out):
+    """Per channel: the second sweep's coefficients and ``sum(dy)``, ``sum(dy * xhat)`` from the
+    sums of ``n`` valid rows (a number, or per-channel counts: a channel with none gets zero
+    coefficients and sums)."""
+    for c in range(S0.shape[0]):
+        nc = at(n, c)
+        if nc == 0.0:
+            xbar[c] = a[c] = mdy[c] = k[c] = 0.0
+            sdyx_out[c] = 0.0
+            sdy_out[c] = 0.0
+        else:
+            xbar[c], a[c], mdy[c], k[c], sdyx_out[c] = bwd_coeffs(
+                nc, S0[c], S1[c], S2[c], rstd[c], w[c]
+            )
+            sdy_out[c] = S0[c]
 
 
 @kernel(fastmath=FM_APPLY)
@@ -207,27 +268,21 @@ def slab_bwd_apply(x2, g2, o2, r0, r1, m, xbar, a, mdy, k):
 # backward, channels-last kernels
 
 
+@kernel(fastmath=FM_STRICT)
+def slab_bwd(x2, g2, o2, m, rstd, w, sdy_out, sdyx_out):
+    """Both sweeps of one slab, every row valid: its sums, then ``dx``."""
+    L = x2.shape[0]
+    S0, S1, S2, xbar, a, mdy, k = bwd_workspace(x2.shape[1])
+    slab_bwd_sums(x2, g2, 0, L, m, S0, S1, S2)
+    slab_bwd_coeffs(float(L), S0, S1, S2, rstd, w, xbar, a, mdy, k, sdy_out, sdyx_out)
+    slab_bwd_apply(x2, g2, o2, 0, L, m, xbar, a, mdy, k)
+
+
 @kernel(fastmath=FM_STRICT, parallel=True)
 def cl_bwd_fused(x, dy, dx, mean, rstd, w, sdy_out, sdyx_out):
     """One task per batch element: per-channel sums of its slab, then ``dx``."""
-    N = x.shape[0]
-    L = x.shape[1]
-    C = x.shape[2]
-    for n in prange(N):
-        S0 = np.empty(C)
-        S1 = np.empty(C)
-        S2 = np.empty(C)
-        xbar = np.empty(C)
-        a = np.empty(C)
-        mdy = np.empty(C)
-        k = np.empty(C)
-        slab_bwd_sums(x[n], dy[n], 0, L, mean[n], S0, S1, S2)
-        for c in range(C):
-            xbar[c], a[c], mdy[c], k[c], sdyx_out[n, c] = bwd_coeffs(
-                float(L), S0[c], S1[c], S2[c], rstd[n, c], w[c]
-            )
-            sdy_out[n, c] = S0[c]
-        slab_bwd_apply(x[n], dy[n], dx[n], 0, L, mean[n], xbar, a, mdy, k)
+    for n in prange(x.shape[0]):
+        slab_bwd(x[n], dy[n], dx[n], mean[n], rstd[n], w, sdy_out[n], sdyx_out[n])
 
 
 @kernel(fastmath=FM_STRICT, parallel=True)
