@@ -38,8 +38,8 @@ from .moments import (
     SHIFT_FROM_MEAN,
     bwd_coeffs,
     merge_moments,
-    neumaier_add,
 )
+from .rows_backward import row_bwd_sums
 
 # --------------------------------------------------------------------------------------------
 # masks, channels-first rows: x (R, L), mask rows (N * Cm, L) of 0/1
@@ -233,40 +233,6 @@ def cf_mask_apply(x, mask, Cm, y, C, mean, a, b):
 # backward, channels-first masks
 
 
-@kernel(fastmath=FM_REDUCE)
-def _mbwd_block(x, dy, m, start, stop, mu):
-    xs = x[start:stop]
-    gs = dy[start:stop]
-    ms = m[start:stop]
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    for i in range(xs.shape[0]):
-        v = ms[i] != 0
-        g = to64(gs[i]) if v else 0.0
-        d = _sub(to64(xs[i]), mu) if v else 0.0
-        s0 += g
-        s1 += d
-        s2 += g * d
-    return s0, s1, s2
-
-
-@kernel(fastmath=FM_STRICT)
-def mrow_bwd_sums(x, dy, m, mu):
-    """``(sum(dy), sum(x - mu), sum(dy * (x - mu)))`` over the valid elements of a row."""
-    s0 = s1 = s2 = c0 = c1 = c2 = 0.0
-    L = x.shape[0]
-    b = 0
-    while b < L:
-        e = min(b + BLOCK, L)
-        b0, b1, b2 = _mbwd_block(x, dy, m, b, e, mu)
-        s0, c0 = neumaier_add(s0, c0, b0)
-        s1, c1 = neumaier_add(s1, c1, b1)
-        s2, c2 = neumaier_add(s2, c2, b2)
-        b = e
-    return s0 + c0, s1 + c1, s2 + c2
-
-
 @kernel(fastmath=FM_APPLY)
 def mrow_bwd_apply(x, dy, m, dx, mu, xbar, a, mdy, k):
     z = cast_like(0.0, dx)
@@ -290,7 +256,7 @@ def cf_bwd_mask_fused(x, dy, dx, mask, Cm, count, mean, rstd, w, C, sdy_out, sdy
             sdyx_out[r] = 0.0
         else:
             mu = mean[r]
-            s0, s1, s2 = mrow_bwd_sums(x[r], dy[r], mr, mu)
+            s0, s1, s2 = row_bwd_sums(x[r], dy[r], 0, x.shape[1], mu, mr)
             xbar, a, mdy, k, sdyx = bwd_coeffs(n, s0, s1, s2, rstd[r], w[r % C])
             mrow_bwd_apply(x[r], dy[r], mr, dx[r], mu, xbar, a, mdy, k)
             sdy_out[r] = s0

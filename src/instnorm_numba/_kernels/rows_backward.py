@@ -47,14 +47,36 @@ def _bwd_block(x, dy, start, stop, m):
     return s0, s1, s2
 
 
+@kernel(fastmath=FM_REDUCE)
+def _mbwd_block(x, dy, m, start, stop, mu):
+    xs = x[start:stop]
+    gs = dy[start:stop]
+    ms = m[start:stop]
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(xs.shape[0]):
+        v = ms[i] != 0
+        g = to64(gs[i]) if v else 0.0
+        d = _sub(to64(xs[i]), mu) if v else 0.0
+        s0 += g
+        s1 += d
+        s2 += g * d
+    return s0, s1, s2
+
+
 @kernel(fastmath=FM_STRICT)
-def row_bwd_sums(x, dy, start, stop, m):
-    """``(sum(dy), sum(x - m), sum(dy * (x - m)))`` over ``start:stop`` of one row."""
+def row_bwd_sums(x, dy, start, stop, m, mask=None):
+    """``(sum(dy), sum(x - m), sum(dy * (x - m)))`` over ``start:stop`` of one row; with a
+    ``mask`` row (uint8 0/1) over its valid elements only."""
     s0 = s1 = s2 = c0 = c1 = c2 = 0.0
     b = start
     while b < stop:
         e = min(b + BLOCK, stop)
-        b0, b1, b2 = _bwd_block(x, dy, b, e, m)
+        if mask is None:
+            b0, b1, b2 = _bwd_block(x, dy, b, e, m)
+        else:
+            b0, b1, b2 = _mbwd_block(x, dy, mask, b, e, m)
         s0, c0 = neumaier_add(s0, c0, b0)
         s1, c1 = neumaier_add(s1, c1, b1)
         s2, c2 = neumaier_add(s2, c2, b2)
