@@ -277,8 +277,9 @@ def test_lengths_uneven_on_threads_forward_and_backward(channel_axis, dtype):
 @pytest.mark.parametrize("kind", ["shared", "per"])
 @pytest.mark.parametrize("C", [1, 3, 20])
 def test_channels_last_mask_blocks_empty_full_and_mixed(dtype, kind, C):
-    """The channels-last masked apply goes block by block (no valid element, all valid,
-    mixed): a mask with long empty and full stretches and random ones, NaN where invalid."""
+    """Channels-last masks whose rows run long stretches with no valid element, every element
+    valid, and random ones (the statistics' blocks and the apply's row runs of each kind), NaN
+    where invalid."""
     r = rng((dtype, kind, C, "blocks"))
     N, L = 3, 4000
     x = make(r, (N, L, C), dtype, 2.0)
