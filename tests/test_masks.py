@@ -291,6 +291,63 @@ def test_channels_last_mask_blocks_empty_full_and_mixed(dtype, kind, C):
     check(x, weight=r.standard_normal(C), bias=r.standard_normal(C), channel_axis=-1, mask=m)
 
 
+@pytest.fixture
+def split_spy(monkeypatch):
+    """Four threads as far as the plan knows (whatever this machine has: the split kernels
+    run on any number), and a count of the calls that took the split path."""
+    from instnorm_numba import _api, _masked
+
+    monkeypatch.setattr(_api, "num_threads", lambda: 4)
+    calls = []
+    split = _masked._split_forward
+
+    def spy(*args):
+        calls.append(args[0].kind)
+        return split(*args)
+
+    monkeypatch.setattr(_masked, "_split_forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("channel_axis", LAYOUTS)
+@pytest.mark.parametrize("how", ["lengths", "shared", "one", "per"])
+@pytest.mark.parametrize("shape", [(1, 1, 70000), (2, 3, 40000), (1, 6, 20000)])
+def test_few_long_instances_split_across_threads(split_spy, dtype, channel_axis, how, shape):
+    """Instances few against the threads are split into chunks as the dense ones are: the
+    moments, the running update's counts, the running-statistics apply, against the
+    reference; an instance (lengths 0) or a channel (a mask per channel) with no valid
+    element, NaN in invalid positions, and a long invalid stretch at the start."""
+    r = rng((dtype, channel_axis, how, shape, "split"))
+    N, C, L = shape
+    x = to_layout(make(r, shape, np.float64, 40.0), channel_axis).astype(dtype)
+    if how == "lengths":
+        kw = {"lengths": r.integers(L // 3, L + 1, N)}
+        kw["lengths"][-1] = 0 if N > 1 else kw["lengths"][-1]
+    else:
+        m = random_mask(r, x.shape, channel_axis, how, p=0.5)
+        if m.ndim == 2 or channel_axis == -1:  # (N, L), (N, L, Cm)
+            m[:, : L // 5] = False
+        else:  # (N, Cm, L)
+            m[..., : L // 5] = False
+        if how == "per" and C > 1:
+            m[(0, slice(None), 1) if channel_axis == -1 else (0, 1)] = False
+        kw = {"mask": m}
+    x[~valid_of(x.shape, channel_axis, **kw)] = np.nan
+    w, b = r.standard_normal(C), r.standard_normal(C)
+    check(x, weight=w, bias=b, channel_axis=channel_axis, **kw)
+    assert len(split_spy) == 1  # (channels-last with C = 1 is channels-first)
+    # the running update: each instance's own count
+    rm, rv, erm, erv = np.zeros(C), np.ones(C), np.zeros(C), np.ones(C)
+    xf = np.where(np.isnan(x), 0, x).astype(dtype)
+    instance_norm(xf, channel_axis=channel_axis, running_mean=rm, running_var=rv, **kw)
+    ref.instance_norm(xf, channel_axis=channel_axis, running_mean=erm, running_var=erv, **kw)
+    np.testing.assert_allclose(rm, erm, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(rv, erv, rtol=1e-12)
+    run = {"running_mean": r.standard_normal(C), "running_var": r.uniform(0.5, 2, C)}
+    check(x, weight=w, bias=b, channel_axis=channel_axis, use_input_stats=False, **run, **kw)
+
+
 def test_lengths_and_masks_on_an_empty_batch_and_empty_spatial():
     x = np.zeros((0, 3, 5), np.float32)
     y, mean, rstd = instance_norm(x, lengths=np.zeros(0, int), return_stats=True)

@@ -28,7 +28,7 @@ from ._api import (
     _same_memory,
     as_layout,
     canonicalize,
-    plan,
+    layout_plan,
     prepare_output,
 )
 from ._args import (
@@ -140,10 +140,54 @@ def _canonical_mask(valid: Valid, lay):
     return mk, Cm
 
 
-def _plan(lay):
-    total = lay.N * lay.C * lay.L
-    groups = lay.N * lay.C if lay.kind == "cf" else lay.N
-    return plan(groups, lay.L, total)[0]
+def _split_forward(lay, xk, yk, lengths, mk, w, b, eps, nch):
+    """Few long instances, split across the threads as the dense ones are: chunk moments
+    around each instance's shift, merged per instance, then the apply by chunks.  Returns the
+    ``(N, C)`` mean, variance and count."""
+    N, C = lay.N, lay.C
+    cf = lay.kind == "cf"
+    G, Cp = (N * C, 1) if cf else (N, C)
+    shift = np.empty(G) if cf else np.empty((G, C))
+    per_channel_counts = not cf and lengths is None  # (cl_mask_partial counts per channel)
+    pn = np.empty((G, nch, C) if per_channel_counts else (G, nch))
+    pmean = np.empty((G, nch, Cp))
+    pm2 = np.empty((G, nch, Cp))
+    if lengths is not None:
+        if cf:
+            dispatch(K.cf_len_partial, True, xk, lengths, C, nch, shift, pn, pmean, pm2)
+        else:
+            dispatch(K.cl_len_partial, True, xk, lengths, nch, shift, pn, pmean, pm2)
+    elif cf:
+        Cm = mk.shape[0] // N
+        dispatch(K.cf_mask_shift, True, xk, mk, Cm, C, shift)
+        dispatch(K.cf_mask_partial, True, xk, mk, Cm, C, nch, shift, pn, pmean, pm2)
+    else:
+        dispatch(K.cl_mask_shift, True, xk, mk, shift)
+        dispatch(K.cl_mask_partial, True, xk, mk, nch, shift, pn, pmean, pm2)
+    cm = np.empty((G, Cp))
+    m2 = np.empty((G, Cp))
+    K.merge_partials(pn, pmean, pm2, cm, m2)
+    count = pn.sum(axis=1)
+    count = count[:, None] if cf or not per_channel_counts else count  # (G, Cp) or (G, C)
+    count = np.broadcast_to(count, cm.shape if cf else (G, C))
+    empty = count == 0
+    var = np.where(empty, np.nan, m2 / np.where(empty, 1.0, count))
+    mean = np.where(empty, np.nan, shift.reshape(G, -1) + cm)
+    ww = np.tile(w, N).reshape(G, 1) if cf else w
+    a = np.where(empty, 0.0, ww / np.sqrt(var + eps))
+    bb = np.ascontiguousarray(np.broadcast_to(np.tile(b, N).reshape(G, 1) if cf else b, a.shape))
+    if cf:
+        args = (nch, shift, cm[:, 0].copy(), a[:, 0].copy(), bb[:, 0].copy())
+        if lengths is not None:
+            dispatch(K.cf_len_apply_split, True, xk, yk, lengths, C, *args)
+        else:
+            dispatch(K.cf_mask_apply, True, xk, mk, Cm, yk, C, *args)
+    elif lengths is not None:
+        dispatch(K.cl_len_apply_split, True, xk, yk, lengths, nch, shift, cm, a, bb)
+    else:
+        dispatch(K.cl_mask_apply, True, xk, mk, yk, nch, shift, cm, a, bb)
+    shape = (N, C)
+    return mean.reshape(shape), var.reshape(shape), np.array(count, dtype=np.float64).reshape(shape)
 
 
 def _remask(result, valid: Valid, out):
@@ -212,7 +256,8 @@ def forward(
     y, result, target = prepare_output(lay, x, out_arr, dtype)
     N, C = lay.N, lay.C
     xk, yk = _kernel_view(lay.data), _kernel_view(y)
-    parallel = _plan(lay)
+    parallel, nch = layout_plan(lay)
+    split = nch > 1  # few long instances: split across the threads as the dense ones are
     T = num_threads() if parallel else 1  # (the lengths kernels share out rows by cost)
     cf = lay.kind == "cf"
     if valid.lengths is not None:
@@ -226,7 +271,9 @@ def forward(
         if use_input_stats:
             mean = np.full((N, C), np.nan)
             var = np.full((N, C), np.nan)
-            if y.size and lengths is not None:
+            if y.size and split:
+                mean, var, count = _split_forward(lay, xk, yk, lengths, mk, w, b, eps, nch)
+            elif y.size and lengths is not None:
                 if cf:
                     stats = (mean.reshape(-1), var.reshape(-1))
                     dispatch(K.cf_len_fused, parallel, xk, yk, lengths, T, w, b, C, eps, *stats)
@@ -249,17 +296,27 @@ def forward(
             rstd = np.ascontiguousarray(np.broadcast_to(1.0 / np.sqrt(rv + eps), (N, C)))
             a = rstd * w
             bb = np.ascontiguousarray(np.broadcast_to(b, (N, C)))
+            zero = np.zeros_like(mean)
+            ch = max(nch, 1)
             if y.size:
                 if cf:
                     rows = (mean.reshape(-1), a.reshape(-1), bb.reshape(-1))
-                    if lengths is not None:
-                        dispatch(K.cf_len_apply, parallel, xk, yk, lengths, T, C, *rows)
+                    if lengths is None:
+                        z = zero.reshape(-1)
+                        args = (ch, rows[0], z, rows[1], rows[2])
+                        dispatch(K.cf_mask_apply, parallel, xk, mk, Cm, yk, C, *args)
+                    elif split:
+                        args = (nch, rows[0], zero.reshape(-1), rows[1], rows[2])
+                        dispatch(K.cf_len_apply_split, parallel, xk, yk, lengths, C, *args)
                     else:
-                        dispatch(K.cf_mask_apply, parallel, xk, mk, Cm, yk, C, *rows)
-                elif lengths is not None:
-                    dispatch(K.cl_len_apply, parallel, xk, yk, lengths, T, mean, a, bb)
+                        dispatch(K.cf_len_apply, parallel, xk, yk, lengths, T, C, *rows)
+                elif lengths is None:
+                    dispatch(K.cl_mask_apply, parallel, xk, mk, yk, ch, mean, zero, a, bb)
+                elif split:
+                    args = (nch, mean, zero, a, bb)
+                    dispatch(K.cl_len_apply_split, parallel, xk, yk, lengths, *args)
                 else:
-                    dispatch(K.cl_mask_apply, parallel, xk, mk, yk, mean, a, bb)
+                    dispatch(K.cl_len_apply, parallel, xk, yk, lengths, T, mean, a, bb)
         if target is not None:
             np.copyto(target, lay.restore(y))
             result = target
@@ -308,7 +365,7 @@ def backward(g, x, mean, rstd, w, axis, dtype, out, valid: Valid):
     sdyx = np.zeros((N, C))
     if dx.size:
         xk, gv, dk = _kernel_view(lay.data), _kernel_view(gk), _kernel_view(dx)
-        parallel = _plan(lay)
+        parallel = layout_plan(lay)[0]
         T = num_threads() if parallel else 1
         cf = lay.kind == "cf"
         if valid.lengths is not None:

@@ -74,8 +74,12 @@ split                                the part holding each instance's first elem
                                      slab machinery on the valid prefix ``x[r, :len]`` /
                                      ``x[n, :len]``, the padding zero-filled; one contiguous
                                      run of rows / slabs per thread, of equal cost
-                                     (``lengths.balanced_tasks``), never split.  ``*_len_apply``
-                                     with running statistics, ``*_bwd_len_fused`` backward
+                                     (``lengths.balanced_tasks``).  ``*_len_apply`` with
+                                     running statistics, ``*_bwd_len_fused`` backward.
+                                     Split as the dense ones are (same ``_api.layout_plan``):
+                                     ``*_len_partial`` -> ``merge_partials`` ->
+                                     ``*_len_apply_split``, chunks of each valid prefix and of
+                                     each padding
 ``mask=`` (or a MaskedArray)         ``cf_mask_fused``: a row per task, moments with a select
                                      and a count per block.  ``cl_mask_fused``: a slab per
                                      task; one mask for all channels is a row mask
@@ -83,7 +87,11 @@ split                                the part holding each instance's first elem
                                      mask: all-valid blocks take the dense block kernels; runs
                                      of valid rows the dense apply), a mask per channel
                                      selects each element.
-                                     ``*_mask_apply``, ``*_mask_count``, ``*_bwd_mask_fused``
+                                     ``*_mask_apply``, ``*_mask_count``, ``*_bwd_mask_fused``.
+                                     Split as the dense ones are: ``*_mask_shift`` ->
+                                     ``*_mask_partial`` -> ``merge_partials`` (counts per
+                                     chunk, per channel for channels-last) ->
+                                     ``*_mask_apply``.  The masked backward is never split
 every element valid                  the dense kernels (``_masked.forward``)
 ===================================  =========================================================
 
@@ -110,22 +118,30 @@ from .elements import HAS_F16C as HAS_F16C
 from .lengths import (
     cf_bwd_len_fused,
     cf_len_apply,
+    cf_len_apply_split,
     cf_len_fused,
+    cf_len_partial,
     cl_bwd_len_fused,
     cl_len_apply,
+    cl_len_apply_split,
     cl_len_fused,
+    cl_len_partial,
 )
 from .masked_rows import (
     cf_bwd_mask_fused,
     cf_mask_apply,
     cf_mask_count,
     cf_mask_fused,
+    cf_mask_partial,
+    cf_mask_shift,
 )
 from .masked_slabs import (
     cl_bwd_mask_fused,
     cl_mask_apply,
     cl_mask_count,
     cl_mask_fused,
+    cl_mask_partial,
+    cl_mask_shift,
 )
 from .moments import bwd_finish, merge_partials
 from .roofline import copy_chunks
@@ -167,16 +183,24 @@ __all__ = [
     # masks and lengths
     "cf_len_fused",
     "cf_len_apply",
+    "cf_len_partial",
+    "cf_len_apply_split",
     "cf_bwd_len_fused",
     "cl_len_fused",
     "cl_len_apply",
+    "cl_len_partial",
+    "cl_len_apply_split",
     "cl_bwd_len_fused",
     "cf_mask_fused",
     "cf_mask_apply",
     "cf_mask_count",
+    "cf_mask_shift",
+    "cf_mask_partial",
     "cf_bwd_mask_fused",
     "cl_mask_fused",
     "cl_mask_apply",
     "cl_mask_count",
+    "cl_mask_shift",
+    "cl_mask_partial",
     "cl_bwd_mask_fused",
 ]

@@ -11,7 +11,10 @@ and zero sums in the backward.
 
 The rows (or slabs) are shared out between the threads by their cost, one contiguous run each
 (``balanced_tasks``): a prange over the rows would give each thread as many rows, whatever
-their lengths.
+their lengths.  Rows (slabs) few against the threads are split instead, as the dense ones are:
+each valid prefix and each padding into ``nchunks`` chunks (``len_task``), the chunk moments
+(``cf_len_partial`` / ``cl_len_partial``) merged by ``moments.merge_partials``, then
+``cf_len_apply_split`` / ``cl_len_apply_split``.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from numba import prange
 
 from .._jit import FM_APPLY, FM_STRICT, kernel
 from .elements import cast_like
-from .moments import bwd_coeffs, row_shift, row_stats
+from .moments import bwd_coeffs, chunk_span, row_shift, row_stats
 from .rows import row_normalize
 from .rows_backward import row_bwd_apply, row_bwd_sums
-from .slabs import slab_fused, slab_normalize
+from .slabs import slab_fused, slab_moments, slab_normalize, slab_pilot
 from .slabs_backward import slab_bwd
 
 # --------------------------------------------------------------------------------------------
@@ -202,3 +205,79 @@ def cl_bwd_len_fused(x, dy, dx, lengths, threads, mean, rstd, w, sdy_out, sdyx_o
                 xs, gs, ds = x[n, :nv], dy[n, :nv], dx[n, :nv]
                 slab_bwd(xs, gs, ds, mean[n], rstd[n], w, sdy_out[n], sdyx_out[n])
             zero_rows(dx[n], nv, dx.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# few long instances: each valid prefix split across the threads
+
+
+@kernel(fastmath=FM_STRICT)
+def len_task(t, G, nchunks, lengths, per, L):
+    """Task ``t`` of a split of each of ``G`` groups (rows, ``per = C``; slabs, ``per = 1``)
+    into ``nchunks`` chunks of its valid prefix and as many of its padding:
+    ``(g, j, nv, s, e, ps, pe)``, valid chunk ``s:e`` and padding chunk ``ps:pe``.
+
+    Chunk-major (task ``t`` is chunk ``t // G`` of group ``t % G``): Numba's static schedule
+    gives each thread a contiguous run of tasks, so every thread gets the same share of every
+    group whatever the lengths, where a group-major order would give one thread the long ones."""
+    j = t // G
+    g = t - j * G
+    nv = lengths[g // per]
+    s, e = chunk_span(j, nchunks, nv)
+    ps, pe = chunk_span(j, nchunks, L - nv)
+    return g, j, nv, s, e, nv + ps, nv + pe
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cf_len_partial(x, lengths, C, nchunks, K_out, pn, pmean, pm2):
+    """Moments of each of ``nchunks`` chunks of every row's valid prefix (``cf_partial``)."""
+    R = x.shape[0]
+    for t in prange(R * nchunks):
+        r, j, nv, s, e, _, _ = len_task(t, R, nchunks, lengths, C, x.shape[1])
+        xv = x[r, :nv]
+        K = row_shift(xv)
+        n, mean, m2 = row_stats(xv, s, e, K)
+        pn[r, j] = n
+        pmean[r, j, 0] = mean
+        pm2[r, j, 0] = m2
+        if j == 0:
+            K_out[r] = K
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cf_len_apply_split(x, y, lengths, C, nchunks, K, c, a, b):
+    """``y = ((x - K) - c) * a + b`` on each valid chunk, 0 on each padding chunk, per-row
+    coefficients; the tasks in the reverse order of ``cf_len_partial``'s (see ``cf_apply``)."""
+    R = x.shape[0]
+    T = R * nchunks
+    for t0 in prange(T):
+        r, j, nv, s, e, ps, pe = len_task(T - 1 - t0, R, nchunks, lengths, C, x.shape[1])
+        row_normalize(x[r, :nv], y[r, :nv], s, e, K[r], c[r], a[r], b[r])
+        zero_fill(y[r, :pe], ps)
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_len_partial(x, lengths, nchunks, K_out, pn, pmean, pm2):
+    """Per-channel moments of ``nchunks`` row chunks of every slab's valid rows
+    (``cl_partial``)."""
+    N = x.shape[0]
+    for t in prange(N * nchunks):
+        n, j, nv, s, e, _, _ = len_task(t, N, nchunks, lengths, 1, x.shape[1])
+        xv = x[n, :nv]
+        K = np.empty(x.shape[2])
+        slab_pilot(xv, K)
+        pn[n, j] = slab_moments(xv, s, e, K, pmean[n, j], pm2[n, j])
+        if j == 0:
+            K_out[n, :] = K
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_len_apply_split(x, y, lengths, nchunks, K, cm, a, b):
+    """``y = ((x - K) - cm) * a + b`` per channel on each valid row chunk, 0 on each padding
+    chunk; the tasks in the reverse order of ``cl_len_partial``'s."""
+    N = x.shape[0]
+    T = N * nchunks
+    for t0 in prange(T):
+        n, j, nv, s, e, ps, pe = len_task(T - 1 - t0, N, nchunks, lengths, 1, x.shape[1])
+        slab_normalize(x[n, :nv], y[n, :nv], s, e, K[n], cm[n], a[n], b[n])
+        zero_rows(y[n], ps, pe)

@@ -38,6 +38,7 @@ from .moments import (
     SHIFT_FROM_MEAN,
     bwd_coeffs,
     merge_moments,
+    task_span,
 )
 from .rows_backward import row_bwd_sums
 
@@ -223,11 +224,40 @@ def cf_mask_fused(x, mask, Cm, y, w, b, C, eps, mean_out, var_out, count_out):
 
 
 @kernel(fastmath=FM_STRICT, parallel=True)
-def cf_mask_apply(x, mask, Cm, y, C, mean, a, b):
-    """``y = (x - mean) * a + b`` where valid, 0 elsewhere, per-row coefficients."""
+def cf_mask_apply(x, mask, Cm, y, C, nchunks, K, c, a, b):
+    """``y = ((x - K) - c) * a + b`` where valid, 0 elsewhere, per-row coefficients: tasks
+    ``R * nchunks``, in the reverse order of ``cf_mask_partial``'s (see ``rows.cf_apply``)."""
     R = x.shape[0]
-    for r in prange(R):
-        mrow_normalize(x[r], mask_row(mask, r, C, Cm), y[r], mean[r], 0.0, a[r], b[r])
+    T = R * nchunks
+    for t0 in prange(T):
+        r, j, s, e = task_span(T - 1 - t0, nchunks, x.shape[1])
+        mr = mask_row(mask, r, C, Cm)
+        mrow_normalize(x[r, s:e], mr[s:e], y[r, s:e], K[r], c[r], a[r], b[r])
+
+
+# few long rows, split across the threads: the shift of each row, then the moments of each
+# chunk around it (merged by ``moments.merge_partials``), then ``cf_mask_apply``
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cf_mask_shift(x, mask, Cm, C, K_out):
+    """The shift of each masked row (``mrow_shift``; 0 for a row with no valid element)."""
+    for r in prange(x.shape[0]):
+        mr = mask_row(mask, r, C, Cm)
+        f = first_valid(mr)
+        K_out[r] = mrow_shift(x[r], mr, f) if f >= 0 else 0.0
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cf_mask_partial(x, mask, Cm, C, nchunks, K, pn, pmean, pm2):
+    """Count and moments of the valid elements of each of ``nchunks`` chunks of every row."""
+    R = x.shape[0]
+    for t in prange(R * nchunks):
+        r, j, s, e = task_span(t, nchunks, x.shape[1])
+        n, mean, m2 = mrow_stats(x[r], mask_row(mask, r, C, Cm), s, e, K[r])
+        pn[r, j] = n
+        pmean[r, j, 0] = mean
+        pm2[r, j, 0] = m2
 
 
 # backward, channels-first masks

@@ -47,6 +47,19 @@ def _ov_at(v, c):
     return lambda v, c: v
 
 
+def chunk_count(pn, g, j, c):  # pragma: no cover - replaced by the overload inside kernels
+    return pn[g, j, c] if pn.ndim == 3 else pn[g, j]
+
+
+@overload(chunk_count)
+def _ov_chunk_count(pn, g, j, c):
+    """The element count of chunk ``j`` of group ``g``: ``pn`` is ``(G, nchunks)``, one count
+    for every channel (dense, lengths, row masks), or ``(G, nchunks, C)`` (masks per channel)."""
+    if pn.ndim == 3:
+        return lambda pn, g, j, c: pn[g, j, c]
+    return lambda pn, g, j, c: pn[g, j]
+
+
 @kernel(fastmath=FM_STRICT)
 def median3(a, b, c):
     return max(min(a, b), min(max(a, b), c))
@@ -70,14 +83,21 @@ def merge_moments(n, mean, cmean, m2, comp, nb, mb, m2b):
 
 
 @kernel(fastmath=FM_STRICT)
+def chunk_span(j, nchunks, L):
+    """``(start, stop)`` of chunk ``j`` of ``nchunks`` over a length ``L``."""
+    chunk = (L + nchunks - 1) // nchunks
+    s = min(j * chunk, L)
+    return s, min(s + chunk, L)
+
+
+@kernel(fastmath=FM_STRICT)
 def task_span(t, nchunks, L):
     """Task ``t`` of a split into ``nchunks`` chunks per group of length ``L``:
     ``(group, chunk, start, stop)``."""
     g = t // nchunks
     j = t - g * nchunks
-    chunk = (L + nchunks - 1) // nchunks
-    s = min(j * chunk, L)
-    return g, j, s, min(s + chunk, L)
+    s, e = chunk_span(j, nchunks, L)
+    return g, j, s, e
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +223,8 @@ def row_stats(x, start, stop, K):
 
 @kernel(fastmath=FM_STRICT)
 def merge_partials(pn, pmean, pm2, mean_out, m2_out):
-    """Fold chunk moments ``(G, nchunks[, C])`` into per-instance ``(G, C)`` mean and M2."""
+    """Fold chunk moments ``(G, nchunks[, C])`` into per-instance ``(G, C)`` mean and M2; the
+    counts ``pn`` are ``(G, nchunks)`` or ``(G, nchunks, C)`` (``chunk_count``)."""
     G = pmean.shape[0]
     nch = pmean.shape[1]
     C = pmean.shape[2]
@@ -212,7 +233,7 @@ def merge_partials(pn, pmean, pm2, mean_out, m2_out):
             n = mean = cmean = m2 = comp = 0.0
             for j in range(nch):
                 n, mean, cmean, m2, comp = merge_moments(
-                    n, mean, cmean, m2, comp, pn[g, j], pmean[g, j, c], pm2[g, j, c]
+                    n, mean, cmean, m2, comp, chunk_count(pn, g, j, c), pmean[g, j, c], pm2[g, j, c]
                 )
             mean_out[g, c] = mean + cmean
             m2_out[g, c] = m2 + comp
