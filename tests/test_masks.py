@@ -299,13 +299,16 @@ def split_spy(monkeypatch):
 
     monkeypatch.setattr(_api, "num_threads", lambda: 4)
     calls = []
-    split = _masked._split_forward
 
-    def spy(*args):
-        calls.append(args[0].kind)
-        return split(*args)
+    def spy(name, f):
+        def counted(*args):
+            calls.append(name)
+            return f(*args)
 
-    monkeypatch.setattr(_masked, "_split_forward", spy)
+        return counted
+
+    for name in ("_split_forward", "_split_backward"):
+        monkeypatch.setattr(_masked, name, spy(name, getattr(_masked, name)))
     return calls
 
 
@@ -315,9 +318,10 @@ def split_spy(monkeypatch):
 @pytest.mark.parametrize("shape", [(1, 1, 70000), (2, 3, 40000), (1, 6, 20000)])
 def test_few_long_instances_split_across_threads(split_spy, dtype, channel_axis, how, shape):
     """Instances few against the threads are split into chunks as the dense ones are: the
-    moments, the running update's counts, the running-statistics apply, against the
-    reference; an instance (lengths 0) or a channel (a mask per channel) with no valid
-    element, NaN in invalid positions, and a long invalid stretch at the start."""
+    moments, the running update's counts, the running-statistics apply and the backward,
+    against the reference; an instance (lengths 0) or a channel (a mask per channel) with no
+    valid element, NaN in invalid positions of x and dy, a long invalid stretch at the
+    start."""
     r = rng((dtype, channel_axis, how, shape, "split"))
     N, C, L = shape
     x = to_layout(make(r, shape, np.float64, 40.0), channel_axis).astype(dtype)
@@ -336,7 +340,7 @@ def test_few_long_instances_split_across_threads(split_spy, dtype, channel_axis,
     x[~valid_of(x.shape, channel_axis, **kw)] = np.nan
     w, b = r.standard_normal(C), r.standard_normal(C)
     check(x, weight=w, bias=b, channel_axis=channel_axis, **kw)
-    assert len(split_spy) == 1  # (channels-last with C = 1 is channels-first)
+    assert split_spy == ["_split_forward"]
     # the running update: each instance's own count
     rm, rv, erm, erv = np.zeros(C), np.ones(C), np.zeros(C), np.ones(C)
     xf = np.where(np.isnan(x), 0, x).astype(dtype)
@@ -346,6 +350,10 @@ def test_few_long_instances_split_across_threads(split_spy, dtype, channel_axis,
     np.testing.assert_allclose(rv, erv, rtol=1e-12)
     run = {"running_mean": r.standard_normal(C), "running_var": r.uniform(0.5, 2, C)}
     check(x, weight=w, bias=b, channel_axis=channel_axis, use_input_stats=False, **run, **kw)
+    dy = make(r, x.shape, ref.result_dtype(x.dtype))
+    dy[~valid_of(x.shape, channel_axis, **kw)] = np.nan
+    check_backward(dy, x, weight=w, channel_axis=channel_axis, **kw)
+    assert split_spy == ["_split_forward"] * 3 + ["_split_backward"]
 
 
 def test_lengths_and_masks_on_an_empty_batch_and_empty_spatial():

@@ -190,6 +190,48 @@ def _split_forward(lay, xk, yk, lengths, mk, w, b, eps, nch):
     return mean.reshape(shape), var.reshape(shape), np.array(count, dtype=np.float64).reshape(shape)
 
 
+def _split_backward(lay, xk, gk, dk, lengths, mk, count, mean, rstd, w, sdy, sdyx, nch):
+    """The backward of few long instances, split as the dense one is: chunk sums, added per
+    instance with its own count (``bwd_finish``), then the second sweep by chunks; ``sdy``
+    and ``sdyx`` (N, C) are filled in."""
+    N, C = lay.N, lay.C
+    cf = lay.kind == "cf"
+    G, Cp = (N * C, 1) if cf else (N, C)
+    ps0, ps1, ps2 = (np.empty((G, nch, Cp)) for _ in range(3))
+    m = np.ascontiguousarray(mean.reshape(G, Cp))
+    mg = m.reshape(-1) if cf else m
+    Cm = 0 if mk is None else mk.shape[0] // N
+    if lengths is not None:
+        if cf:
+            dispatch(K.cf_bwd_len_partial, True, xk, gk, lengths, C, mg, nch, ps0, ps1, ps2)
+        else:
+            dispatch(K.cl_bwd_len_partial, True, xk, gk, lengths, mg, nch, ps0, ps1, ps2)
+    elif cf:
+        dispatch(K.cf_bwd_mask_partial, True, xk, gk, mk, Cm, C, mg, nch, ps0, ps1, ps2)
+    else:
+        dispatch(K.cl_bwd_mask_partial, True, xk, gk, mk, mg, nch, ps0, ps1, ps2)
+    n = np.ascontiguousarray(np.broadcast_to(count, (N, C)), dtype=np.float64).reshape(G, Cp)
+    wg = np.ascontiguousarray(np.broadcast_to(w, (N, C))).reshape(G, Cp)
+    rg = np.ascontiguousarray(rstd, dtype=np.float64).reshape(G, Cp)
+    xbar, a, mdy, k = (np.empty((G, Cp)) for _ in range(4))
+    sums = (sdy.reshape(G, Cp), sdyx.reshape(G, Cp))
+    K.bwd_finish(n, ps0, ps1, ps2, rg, wg, xbar, a, mdy, k, *sums)
+    empty = n == 0  # no valid element: zero sums (the sweep writes zeros there)
+    for arr in (*sums, xbar, a, mdy, k):
+        arr[empty] = 0.0
+    coeffs = (m, xbar, a, mdy, k)
+    if cf:
+        coeffs = tuple(t.reshape(-1) for t in coeffs)
+        if lengths is not None:
+            dispatch(K.cf_bwd_len_apply, True, xk, gk, dk, lengths, C, nch, *coeffs)
+        else:
+            dispatch(K.cf_bwd_mask_apply, True, xk, gk, dk, mk, Cm, C, nch, *coeffs)
+    elif lengths is not None:
+        dispatch(K.cl_bwd_len_apply, True, xk, gk, dk, lengths, nch, *coeffs)
+    else:
+        dispatch(K.cl_bwd_mask_apply, True, xk, gk, dk, mk, nch, *coeffs)
+
+
 def _remask(result, valid: Valid, out):
     """The result given back as a MaskedArray when the input was one."""
     if valid.ma_mask is None:
@@ -365,29 +407,33 @@ def backward(g, x, mean, rstd, w, axis, dtype, out, valid: Valid):
     sdyx = np.zeros((N, C))
     if dx.size:
         xk, gv, dk = _kernel_view(lay.data), _kernel_view(gk), _kernel_view(dx)
-        parallel = layout_plan(lay)[0]
+        parallel, nch = layout_plan(lay)
         T = num_threads() if parallel else 1
         cf = lay.kind == "cf"
-        if valid.lengths is not None:
-            if cf:
-                args = (mean.reshape(-1), rstd.reshape(-1), w, C, sdy.reshape(-1), sdyx.reshape(-1))
-                dispatch(K.cf_bwd_len_fused, parallel, xk, gv, dk, valid.lengths, T, *args)
-            else:
-                args = (mean, rstd, w, sdy, sdyx)
-                dispatch(K.cl_bwd_len_fused, parallel, xk, gv, dk, valid.lengths, T, *args)
-        else:
+        if valid.lengths is None:
             mk, Cm = _canonical_mask(valid, lay)
             count = np.empty((N, C))
             if cf:
                 dispatch(K.cf_mask_count, parallel, mk, Cm, N * C, C, count.reshape(-1))
-                args = (mean.reshape(-1), rstd.reshape(-1), w, C, sdy.reshape(-1), sdyx.reshape(-1))
-                dispatch(
-                    K.cf_bwd_mask_fused, parallel, xk, gv, dk, mk, Cm, count.reshape(-1), *args
-                )
             else:
                 dispatch(K.cl_mask_count, parallel, mk, C, count)
-                args = (mean, rstd, w, sdy, sdyx)
-                dispatch(K.cl_bwd_mask_fused, parallel, xk, gv, dk, mk, count, *args)
+        else:
+            mk, Cm, count = None, 0, valid.lengths[:, None]
+        stats = (mean, rstd, w, sdy, sdyx)
+        if cf:
+            rows = (mean.reshape(-1), rstd.reshape(-1), w, C, sdy.reshape(-1), sdyx.reshape(-1))
+        if nch > 1:  # few long instances: split across the threads as the dense ones are
+            _split_backward(lay, xk, gv, dk, valid.lengths, mk, count, *stats, nch)
+        elif valid.lengths is not None:
+            if cf:
+                dispatch(K.cf_bwd_len_fused, parallel, xk, gv, dk, valid.lengths, T, *rows)
+            else:
+                dispatch(K.cl_bwd_len_fused, parallel, xk, gv, dk, valid.lengths, T, *stats)
+        elif cf:
+            cnt = count.reshape(-1)
+            dispatch(K.cf_bwd_mask_fused, parallel, xk, gv, dk, mk, Cm, cnt, *rows)
+        else:
+            dispatch(K.cl_bwd_mask_fused, parallel, xk, gv, dk, mk, count, *stats)
     if target is not None:
         np.copyto(target, lay.restore(dx))
         result = target

@@ -91,7 +91,10 @@ split                                the part holding each instance's first elem
                                      Split as the dense ones are: ``*_mask_shift`` ->
                                      ``*_mask_partial`` -> ``merge_partials`` (counts per
                                      chunk, per channel for channels-last) ->
-                                     ``*_mask_apply``.  The masked backward is never split
+                                     ``*_mask_apply``.  The backwards likewise:
+                                     ``*_bwd_len_partial`` / ``*_bwd_mask_partial`` ->
+                                     ``bwd_finish`` (each instance's count) ->
+                                     ``*_bwd_len_apply`` / ``*_bwd_mask_apply``
 every element valid                  the dense kernels (``_masked.forward``)
 ===================================  =========================================================
 
@@ -116,19 +119,25 @@ from .chunks import (
 from .elements import FOLD_LIMIT as FOLD_LIMIT
 from .elements import HAS_F16C as HAS_F16C
 from .lengths import (
+    cf_bwd_len_apply,
     cf_bwd_len_fused,
+    cf_bwd_len_partial,
     cf_len_apply,
     cf_len_apply_split,
     cf_len_fused,
     cf_len_partial,
+    cl_bwd_len_apply,
     cl_bwd_len_fused,
+    cl_bwd_len_partial,
     cl_len_apply,
     cl_len_apply_split,
     cl_len_fused,
     cl_len_partial,
 )
 from .masked_rows import (
+    cf_bwd_mask_apply,
     cf_bwd_mask_fused,
+    cf_bwd_mask_partial,
     cf_mask_apply,
     cf_mask_count,
     cf_mask_fused,
@@ -136,7 +145,9 @@ from .masked_rows import (
     cf_mask_shift,
 )
 from .masked_slabs import (
+    cl_bwd_mask_apply,
     cl_bwd_mask_fused,
+    cl_bwd_mask_partial,
     cl_mask_apply,
     cl_mask_count,
     cl_mask_fused,
@@ -186,21 +197,29 @@ __all__ = [
     "cf_len_partial",
     "cf_len_apply_split",
     "cf_bwd_len_fused",
+    "cf_bwd_len_partial",
+    "cf_bwd_len_apply",
     "cl_len_fused",
     "cl_len_apply",
     "cl_len_partial",
     "cl_len_apply_split",
     "cl_bwd_len_fused",
+    "cl_bwd_len_partial",
+    "cl_bwd_len_apply",
     "cf_mask_fused",
     "cf_mask_apply",
     "cf_mask_count",
     "cf_mask_shift",
     "cf_mask_partial",
     "cf_bwd_mask_fused",
+    "cf_bwd_mask_partial",
+    "cf_bwd_mask_apply",
     "cl_mask_fused",
     "cl_mask_apply",
     "cl_mask_count",
     "cl_mask_shift",
     "cl_mask_partial",
     "cl_bwd_mask_fused",
+    "cl_bwd_mask_partial",
+    "cl_bwd_mask_apply",
 ]

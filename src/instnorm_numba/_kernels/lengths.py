@@ -14,7 +14,8 @@ The rows (or slabs) are shared out between the threads by their cost, one contig
 their lengths.  Rows (slabs) few against the threads are split instead, as the dense ones are:
 each valid prefix and each padding into ``nchunks`` chunks (``len_task``), the chunk moments
 (``cf_len_partial`` / ``cl_len_partial``) merged by ``moments.merge_partials``, then
-``cf_len_apply_split`` / ``cl_len_apply_split``.
+``cf_len_apply_split`` / ``cl_len_apply_split``; the backward likewise (``*_bwd_len_partial``,
+``moments.bwd_finish``, ``*_bwd_len_apply``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .moments import bwd_coeffs, chunk_span, row_shift, row_stats
 from .rows import row_normalize
 from .rows_backward import row_bwd_apply, row_bwd_sums
 from .slabs import slab_fused, slab_moments, slab_normalize, slab_pilot
-from .slabs_backward import slab_bwd
+from .slabs_backward import slab_bwd, slab_bwd_apply, slab_bwd_sums
 
 # --------------------------------------------------------------------------------------------
 # shared
@@ -281,3 +282,45 @@ def cl_len_apply_split(x, y, lengths, nchunks, K, cm, a, b):
         n, j, nv, s, e, ps, pe = len_task(T - 1 - t0, N, nchunks, lengths, 1, x.shape[1])
         slab_normalize(x[n, :nv], y[n, :nv], s, e, K[n], cm[n], a[n], b[n])
         zero_rows(y[n], ps, pe)
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cf_bwd_len_partial(x, dy, lengths, C, mean, nchunks, ps0, ps1, ps2):
+    """Backward sums of each of ``nchunks`` chunks of every row's valid prefix."""
+    R = x.shape[0]
+    for t in prange(R * nchunks):
+        r, j, nv, s, e, _, _ = len_task(t, R, nchunks, lengths, C, x.shape[1])
+        sums = row_bwd_sums(x[r, :nv], dy[r, :nv], s, e, mean[r])
+        ps0[r, j, 0], ps1[r, j, 0], ps2[r, j, 0] = sums
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cf_bwd_len_apply(x, dy, dx, lengths, C, nchunks, m, xbar, a, mdy, k):
+    """Second backward sweep on each valid chunk, 0 on each padding chunk."""
+    R = x.shape[0]
+    for t in prange(R * nchunks):
+        r, j, nv, s, e, ps, pe = len_task(t, R, nchunks, lengths, C, x.shape[1])
+        xv, gv, dv = x[r, :nv], dy[r, :nv], dx[r, :nv]
+        row_bwd_apply(xv, gv, dv, s, e, m[r], xbar[r], a[r], mdy[r], k[r])
+        zero_fill(dx[r, :pe], ps)
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_bwd_len_partial(x, dy, lengths, mean, nchunks, ps0, ps1, ps2):
+    """Per-channel backward sums of ``nchunks`` row chunks of every slab's valid rows."""
+    N = x.shape[0]
+    for t in prange(N * nchunks):
+        n, j, nv, s, e, _, _ = len_task(t, N, nchunks, lengths, 1, x.shape[1])
+        xv, gv = x[n, :nv], dy[n, :nv]
+        slab_bwd_sums(xv, gv, s, e, mean[n], ps0[n, j], ps1[n, j], ps2[n, j])
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_bwd_len_apply(x, dy, dx, lengths, nchunks, m, xbar, a, mdy, k):
+    """Second backward sweep on each valid row chunk, 0 on each padding chunk."""
+    N = x.shape[0]
+    for t in prange(N * nchunks):
+        n, j, nv, s, e, ps, pe = len_task(t, N, nchunks, lengths, 1, x.shape[1])
+        xv, gv, dv = x[n, :nv], dy[n, :nv], dx[n, :nv]
+        slab_bwd_apply(xv, gv, dv, s, e, m[n], xbar[n], a[n], mdy[n], k[n])
+        zero_rows(dx[n], ps, pe)

@@ -302,3 +302,28 @@ def cf_mask_count(mask, Cm, R, C, count_out):
         for i in range(mr.shape[0]):
             s += mr[i]
         count_out[r] = float(s)
+
+
+# few long rows, split across the threads: chunk sums (added by ``moments.bwd_finish``), then
+# the second sweep by chunks
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cf_bwd_mask_partial(x, dy, mask, Cm, C, mean, nchunks, ps0, ps1, ps2):
+    """Backward sums of the valid elements of each of ``nchunks`` chunks of every row."""
+    R = x.shape[0]
+    for t in prange(R * nchunks):
+        r, j, s, e = task_span(t, nchunks, x.shape[1])
+        mr = mask_row(mask, r, C, Cm)
+        ps0[r, j, 0], ps1[r, j, 0], ps2[r, j, 0] = row_bwd_sums(x[r], dy[r], s, e, mean[r], mr)
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cf_bwd_mask_apply(x, dy, dx, mask, Cm, C, nchunks, m, xbar, a, mdy, k):
+    """Second backward sweep where valid, 0 elsewhere: tasks ``R * nchunks``."""
+    R = x.shape[0]
+    for t in prange(R * nchunks):
+        r, j, s, e = task_span(t, nchunks, x.shape[1])
+        mr = mask_row(mask, r, C, Cm)
+        xs, gs, ms, ds = x[r, s:e], dy[r, s:e], mr[s:e], dx[r, s:e]
+        mrow_bwd_apply(xs, gs, ms, ds, m[r], xbar[r], a[r], mdy[r], k[r])

@@ -399,3 +399,25 @@ def cl_mask_count(mask, C, count_out):
         for i in range(L):
             for c in range(C):
                 count_out[n, c] += mask[n, i, c if Cm > 1 else 0]
+
+
+# few slabs, split across the threads: chunk sums (added by ``moments.bwd_finish``), then the
+# second sweep by chunks
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_bwd_mask_partial(x, dy, mask, mean, nchunks, ps0, ps1, ps2):
+    """Per-channel backward sums of the valid elements of ``nchunks`` row chunks of every
+    slab."""
+    for t in prange(x.shape[0] * nchunks):
+        n, j, s, e = task_span(t, nchunks, x.shape[1])
+        slab_bwd_sums(x[n], dy[n], s, e, mean[n], ps0[n, j], ps1[n, j], ps2[n, j], mask[n])
+
+
+@kernel(fastmath=FM_STRICT, parallel=True)
+def cl_bwd_mask_apply(x, dy, dx, mask, nchunks, m, xbar, a, mdy, k):
+    """Second backward sweep where valid, 0 elsewhere: tasks ``N * nchunks``."""
+    for t in prange(x.shape[0] * nchunks):
+        n, j, s, e = task_span(t, nchunks, x.shape[1])
+        xs, gs, ms, ds = x[n, s:e], dy[n, s:e], mask[n, s:e], dx[n, s:e]
+        slab_mbwd_apply(xs, gs, ms, ds, m[n], xbar[n], a[n], mdy[n], k[n])

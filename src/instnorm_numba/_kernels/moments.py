@@ -280,9 +280,24 @@ def bwd_fold(m, xbar, a, mdy, k):
     return abs(km) <= FOLD_LIMIT, km - a * mdy
 
 
+def group_count(n, g, c):  # pragma: no cover - replaced by the overload inside kernels
+    return n[g, c] if hasattr(n, "shape") else n
+
+
+@overload(group_count)
+def _ov_group_count(n, g, c):
+    """The element count of instance ``(g, c)``: one number for all (dense, ``L``) or a
+    ``(G, Cp)`` array (masks, lengths)."""
+    if isinstance(n, types.Array):
+        return lambda n, g, c: n[g, c]
+    return lambda n, g, c: n
+
+
 @kernel(fastmath=FM_STRICT)
 def bwd_finish(L, ps0, ps1, ps2, rstd, w, xbar, a, mdy, k, sdy, sdyx):
-    """Add chunk sums ``(G, nchunks, Cp)`` per instance; coefficients into ``(G, Cp)`` arrays."""
+    """Add chunk sums ``(G, nchunks, Cp)`` per instance; coefficients into ``(G, Cp)`` arrays.
+    ``L`` is every instance's element count, or a ``(G, Cp)`` array of counts
+    (``group_count``)."""
     G = ps0.shape[0]
     nch = ps0.shape[1]
     Cp = ps0.shape[2]
@@ -295,6 +310,6 @@ def bwd_finish(L, ps0, ps1, ps2, rstd, w, xbar, a, mdy, k, sdy, sdyx):
                 s2, c2 = neumaier_add(s2, c2, ps2[g, j, c])
             s0 += c0
             xbar[g, c], a[g, c], mdy[g, c], k[g, c], sdyx[g, c] = bwd_coeffs(
-                float(L), s0, s1 + c1, s2 + c2, rstd[g, c], w[g, c]
+                float(group_count(L, g, c)), s0, s1 + c1, s2 + c2, rstd[g, c], w[g, c]
             )
             sdy[g, c] = s0
