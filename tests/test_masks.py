@@ -540,6 +540,25 @@ def test_masked_array(channel_axis, dtype):
     np.testing.assert_array_equal(gw, gwm)
 
 
+@pytest.mark.parametrize("channel_axis", LAYOUTS)
+def test_every_mask_reaches_the_kernels_read_only(channel_axis):
+    """A MaskedArray's mask (writeable), a writeable mask= and a broadcast one (read-only) run
+    one compilation of each kernel.  Two compilations may round reassociated sums
+    differently: with a kernel compiled in this process for one and loaded from the disk
+    cache for the other, a MaskedArray and the same mask= differed by 1 ulp (float64)."""
+    r = rng((channel_axis, "readonly"))
+    x = to_layout(make(r, (3, 4, 100), np.float64), channel_axis)
+    invalid = r.random(x.shape) < 0.3
+    shared = r.random((3, 100)) < 0.5
+    kern = K.cf_mask_fused if channel_axis == 1 else K.cl_mask_fused
+    instance_norm(np.ma.MaskedArray(x, mask=invalid), channel_axis=channel_axis)
+    instance_norm(x, channel_axis=channel_axis, mask=~invalid)
+    instance_norm(x, channel_axis=channel_axis, mask=shared)  # (a broadcast view)
+    instance_norm(x, channel_axis=channel_axis, mask=np.broadcast_to(~invalid, x.shape))
+    masks = [sig[1] for sig in kern.serial.signatures]
+    assert masks and all(not m.mutable for m in masks), masks
+
+
 def test_masked_array_in_place():
     x = rng(3).standard_normal((2, 3, 30))
     xm = np.ma.MaskedArray(x.copy(), mask=rng(4).random(x.shape) < 0.3)

@@ -137,6 +137,12 @@ def _canonical_mask(valid: Valid, lay):
     v = _moved(m, lay.axis, lay.kind)
     shape = (lay.N * Cm, lay.L) if lay.kind == "cf" else (lay.N, lay.L, Cm)
     mk = np.ascontiguousarray(v).reshape(shape).view(np.uint8)
+    # always read-only: Numba compiles a read-only and a writeable argument separately, and two
+    # compilations of one kernel may round its reassociated sums differently (a kernel
+    # compiled in this process and one loaded from the disk cache did: 1 ulp, float64), so a
+    # MaskedArray (writeable mask) and the same mask= (a read-only broadcast) ran different
+    # machine code
+    mk.flags.writeable = False
     return mk, Cm
 
 
