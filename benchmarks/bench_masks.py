@@ -1,7 +1,9 @@
-"""Masks and variable lengths (issue 13) next to the dense call, on the audio case.
+"""Masks and variable lengths (issue 13) next to the dense call, on the audio case and on one
+long instance.
 
-``16 x 80 x 3000`` utterances padded to 3000 frames, lengths drawn between 1000 and 3000 (for
-the smoke test's small stand-in shapes, between L/3 and L).  The ratios of the issue, each from
+``audio``: ``16 x 80 x 3000`` utterances padded to 3000 frames, lengths drawn between 1000 and
+3000 (for the smoke test's small stand-in shapes, and for ``long``, ``1 x 1 x 2**21``, between
+L/3 and L).  The ratios of the issue, each from
 one run: ``Masks.time_lengths`` over ``Masks.time_dense_same_elements`` (a dense array holding
 as many elements as the valid prefixes; at most 1.2x), ``Masks.time_mask_*`` over
 ``Masks.time_dense`` (the full array; at most 1.5x).  ``scripts/bench_masks.py`` prints them.
@@ -16,15 +18,23 @@ import numpy as np
 from . import common
 from .common import DTYPES, LAYOUTS, channel_axis
 
-CASES = ["audio"]
+CASES = ["audio", "long"]
 PARAMS = [CASES, DTYPES, LAYOUTS]
 PARAM_NAMES = ["case", "dtype", "layout"]
+
+#: ``long``: one instance (N = C = 1) of 2**21 elements, split across the threads like the
+#: dense one; and its smoke-test stand-in
+LONG = ((1, 1, 1 << 21), (1, 1, 300))
 
 
 def masked_data(case: str, dtype: str, layout: str):
     """x, its valid sets, a dense array of the same valid element count, outputs, dy, and the
     forward's statistics for the backward; every kernel called once."""
-    return _masked_data(common.case(case, dtype, layout).logical_shape, dtype, layout)
+    if case == "long":
+        shape = LONG[1 if common.SMALL else 0]
+    else:
+        shape = common.case(case, dtype, layout).logical_shape
+    return _masked_data(shape, dtype, layout)
 
 
 @functools.lru_cache(maxsize=2)  # (keyed by the shape: the smoke test runs the small ones)

@@ -10,8 +10,8 @@ The audio case: ``16 x 80 x 3000`` (N, C, L) with ``lengths`` drawn uniformly be
   shared by the channels and per channel) over the dense call on the full array.
 
 ``--few-long`` times the other extreme too: one instance of ``FEW_LONG`` elements (N = C = 1),
-which the dense kernels split across the threads and the masked ones (a task per row or slab)
-do not.
+which the kernels split across the threads (dense, lengths and masks alike), forward and
+backward; ``lengths`` is 3/4 of the length.
 
 Run under the bench lock (the machine is shared):
 
@@ -24,13 +24,14 @@ too.  On a loaded machine the minima are the steadier figures.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
 
 import numpy as np
 
-from instnorm_numba import instance_norm
+from instnorm_numba import instance_norm, instance_norm_backward
 
 SHAPE = (16, 80, 3000)
 LOW, HIGH = 1000, 3000
@@ -98,19 +99,30 @@ def run_few_long(dtype: str, layout: str, blocks: int, number: int):
     out = np.empty_like(x)
     lengths = np.array([L * 3 // 4])
     random_mask = rng.random((N, L)) < 0.5
-    fns = {
-        "dense_full": lambda: instance_norm(x, channel_axis=axis, out=out),
-        "lengths": lambda: instance_norm(x, channel_axis=axis, out=out, lengths=lengths),
-        "mask_random": lambda: instance_norm(x, channel_axis=axis, out=out, mask=random_mask),
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    valid = {
+        "dense_full": {},
+        "lengths": {"lengths": lengths},
+        "mask_random": {"mask": random_mask},
     }
+    fns = {
+        k: functools.partial(instance_norm, x, channel_axis=axis, out=out, **kw)
+        for k, kw in valid.items()
+    }
+    for k, kw in valid.items():  # the backward, with the statistics of the matching forward
+        _, mean, rstd = instance_norm(x, channel_axis=axis, return_stats=True, **kw)
+        fns["backward " + k] = functools.partial(
+            instance_norm_backward, dy, x, mean, rstd, channel_axis=axis, out=out, **kw
+        )
     for f in fns.values():
         f()
         f()
     t, tmin = _median_ms(fns, blocks, number)
     ratios = {}
     for tag, tt in (("", t), ("min ", tmin)):
-        ratios[tag + "lengths / dense_full"] = tt["lengths"] / tt["dense_full"]
-        ratios[tag + "mask_random / dense_full"] = tt["mask_random"] / tt["dense_full"]
+        for d in ("", "backward "):
+            for k in ("lengths", "mask_random"):
+                ratios[f"{tag}{d}{k} / dense_full"] = tt[d + k] / tt[d + "dense_full"]
     return t, tmin, ratios
 
 
@@ -181,9 +193,9 @@ def main(argv=None):
             shape = FEW_LONG if a.few_long else SHAPE
             print(f"{'x'.join(map(str, shape))} {dt} {lay} (threads={report['threads']})")
             for k, v in t.items():
-                print(f"  {k:<22s} {v:8.3f} ms median {tmin[k]:8.3f} ms min")
+                print(f"  {k:<31s} {v:8.3f} ms median {tmin[k]:8.3f} ms min")
             for k, v in r.items():
-                print(f"  {k:<32s} {v:6.2f}x")
+                print(f"  {k:<41s} {v:6.2f}x")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(report, fh, indent=2)
