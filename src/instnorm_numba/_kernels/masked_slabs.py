@@ -178,48 +178,23 @@ def _elmask_block_m2(x2, m2, b, e, K, mb, m2b, sd):
             m2b[c] += d * d
 
 
-@kernel(fastmath=FM_APPLY)
-def _sel(x, m, k):
-    """``x - k`` where the mask byte ``m`` is set, else 0 (a select: NaN there cannot leak)."""
-    d = _sub(to64(x), k)
-    return d if m != 0 else 0.0
-
-
 @kernel(fastmath=FM_REDUCE)
 def _elmask_block_sums(x2, m2, b, e, K, mb, m2b, cnt):
-    """Per-channel (sum d, sum d*d, count) of the valid elements of rows b..e, d = x - K:
-    four rows per sweep over the channels, as ``slabs._slab_block_onepass`` (the accumulator
-    loads and stores, not the arithmetic, bound this loop)."""
     C = x2.shape[1]
     for c in range(C):
         mb[c] = 0.0
         m2b[c] = 0.0
         cnt[c] = 0.0
-    i = b
-    while i + 4 <= e:
-        x0, x1, x2_, x3 = x2[i], x2[i + 1], x2[i + 2], x2[i + 3]
-        m0, m1, m2_, m3 = m2[i], m2[i + 1], m2[i + 2], m2[i + 3]
-        for c in range(C):
-            k = K[c]
-            d0 = _sel(x0[c], m0[c], k)
-            d1 = _sel(x1[c], m1[c], k)
-            d2 = _sel(x2_[c], m2_[c], k)
-            d3 = _sel(x3[c], m3[c], k)
-            mb[c] += (d0 + d1) + (d2 + d3)
-            m2b[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-            # (mask bytes are 0 or 1; each converted alone: their sum would be an int64,
-            # which AVX2 cannot convert to float64 in a vector)
-            cnt[c] += (float(m0[c]) + float(m1[c])) + (float(m2_[c]) + float(m3[c]))
-        i += 4
-    while i < e:
+    for i in range(b, e):
         xr = x2[i]
         mr = m2[i]
         for c in range(C):
-            d = _sel(xr[c], mr[c], K[c])
+            v = mr[c] != 0
+            d = _sub(to64(xr[c]), K[c])
+            d = d if v else 0.0
             mb[c] += d
             m2b[c] += d * d
-            cnt[c] += float(mr[c])
-        i += 1
+            cnt[c] += 1.0 if v else 0.0
 
 
 @kernel(fastmath=FM_STRICT)
