@@ -12,6 +12,10 @@ float16 in float32 arithmetic when ``half32_ok``) followed by a select of 0.
 
 An instance with no valid element gets NaN statistics, zeros in its output and zero sums in the
 backward. The counts are returned (float64) for the running update.
+
+Rows few against the threads are split into chunks, as the dense ones are (``cf_mask_shift``,
+``cf_mask_partial``, ``moments.merge_partials``, ``cf_mask_apply``; backward
+``cf_bwd_mask_partial``, ``moments.bwd_finish``, ``cf_bwd_mask_apply``).
 """
 
 from __future__ import annotations
