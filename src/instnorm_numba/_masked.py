@@ -173,9 +173,8 @@ def _split_forward(lay, xk, yk, lengths, mk, w, b, eps, nch):
     cm = np.empty((G, Cp))
     m2 = np.empty((G, Cp))
     K.merge_partials(pn, pmean, pm2, cm, m2)
-    count = pn.sum(axis=1)
-    count = count[:, None] if cf or not per_channel_counts else count  # (G, Cp) or (G, C)
-    count = np.broadcast_to(count, cm.shape if cf else (G, C))
+    count = pn.sum(axis=1)  # (G,) or, per channel, (G, C)
+    count = np.broadcast_to(count if count.ndim == 2 else count[:, None], cm.shape)
     empty = count == 0
     var = np.where(empty, np.nan, m2 / np.where(empty, 1.0, count))
     mean = np.where(empty, np.nan, shift.reshape(G, -1) + cm)

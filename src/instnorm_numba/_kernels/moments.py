@@ -41,23 +41,11 @@ def at(v, c):  # pragma: no cover - replaced by the overload inside kernels
 @overload(at)
 def _ov_at(v, c):
     """``v[c]`` of an array, or ``v`` itself: an instance count that is one number for every
-    channel (dense, lengths) or one per channel (masks)."""
+    channel (dense, lengths) or one per channel (masks); also a chunk's count in
+    ``merge_partials`` and an instance's in ``bwd_finish``."""
     if isinstance(v, types.Array):
         return lambda v, c: v[c]
     return lambda v, c: v
-
-
-def chunk_count(pn, g, j, c):  # pragma: no cover - replaced by the overload inside kernels
-    return pn[g, j, c] if pn.ndim == 3 else pn[g, j]
-
-
-@overload(chunk_count)
-def _ov_chunk_count(pn, g, j, c):
-    """The element count of chunk ``j`` of group ``g``: ``pn`` is ``(G, nchunks)``, one count
-    for every channel (dense, lengths, row masks), or ``(G, nchunks, C)`` (masks per channel)."""
-    if pn.ndim == 3:
-        return lambda pn, g, j, c: pn[g, j, c]
-    return lambda pn, g, j, c: pn[g, j]
 
 
 @kernel(fastmath=FM_STRICT)
@@ -224,7 +212,7 @@ def row_stats(x, start, stop, K):
 @kernel(fastmath=FM_STRICT)
 def merge_partials(pn, pmean, pm2, mean_out, m2_out):
     """Fold chunk moments ``(G, nchunks[, C])`` into per-instance ``(G, C)`` mean and M2; the
-    counts ``pn`` are ``(G, nchunks)`` or ``(G, nchunks, C)`` (``chunk_count``)."""
+    counts ``pn`` are ``(G, nchunks)`` or ``(G, nchunks, C)`` (``at``)."""
     G = pmean.shape[0]
     nch = pmean.shape[1]
     C = pmean.shape[2]
@@ -233,7 +221,7 @@ def merge_partials(pn, pmean, pm2, mean_out, m2_out):
             n = mean = cmean = m2 = comp = 0.0
             for j in range(nch):
                 n, mean, cmean, m2, comp = merge_moments(
-                    n, mean, cmean, m2, comp, chunk_count(pn, g, j, c), pmean[g, j, c], pm2[g, j, c]
+                    n, mean, cmean, m2, comp, at(pn[g, j], c), pmean[g, j, c], pm2[g, j, c]
                 )
             mean_out[g, c] = mean + cmean
             m2_out[g, c] = m2 + comp
@@ -280,24 +268,10 @@ def bwd_fold(m, xbar, a, mdy, k):
     return abs(km) <= FOLD_LIMIT, km - a * mdy
 
 
-def group_count(n, g, c):  # pragma: no cover - replaced by the overload inside kernels
-    return n[g, c] if hasattr(n, "shape") else n
-
-
-@overload(group_count)
-def _ov_group_count(n, g, c):
-    """The element count of instance ``(g, c)``: one number for all (dense, ``L``) or a
-    ``(G, Cp)`` array (masks, lengths)."""
-    if isinstance(n, types.Array):
-        return lambda n, g, c: n[g, c]
-    return lambda n, g, c: n
-
-
 @kernel(fastmath=FM_STRICT)
 def bwd_finish(L, ps0, ps1, ps2, rstd, w, xbar, a, mdy, k, sdy, sdyx):
     """Add chunk sums ``(G, nchunks, Cp)`` per instance; coefficients into ``(G, Cp)`` arrays.
-    ``L`` is every instance's element count, or a ``(G, Cp)`` array of counts
-    (``group_count``)."""
+    ``L`` is every instance's element count, or a ``(G, Cp)`` array of counts (``at``)."""
     G = ps0.shape[0]
     nch = ps0.shape[1]
     Cp = ps0.shape[2]
@@ -310,6 +284,6 @@ def bwd_finish(L, ps0, ps1, ps2, rstd, w, xbar, a, mdy, k, sdy, sdyx):
                 s2, c2 = neumaier_add(s2, c2, ps2[g, j, c])
             s0 += c0
             xbar[g, c], a[g, c], mdy[g, c], k[g, c], sdyx[g, c] = bwd_coeffs(
-                float(group_count(L, g, c)), s0, s1 + c1, s2 + c2, rstd[g, c], w[g, c]
+                float(at(at(L, g), c)), s0, s1 + c1, s2 + c2, rstd[g, c], w[g, c]
             )
             sdy[g, c] = s0
