@@ -291,6 +291,35 @@ def test_channels_last_mask_blocks_empty_full_and_mixed(dtype, kind, C):
     check(x, weight=r.standard_normal(C), bias=r.standard_normal(C), channel_axis=-1, mask=m)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9, "one invalid row"])
+def test_channels_last_row_mask_dense_and_sparse_blocks(dtype, density):
+    """A row mask (one per sample) of every density over channels-last slabs of 80 channels:
+    float16 blocks with at least ``DENSE_BLOCK_SHARE`` valid rows are normalized whole and
+    their invalid rows zeroed after, sparser ones (and other dtypes) by runs.  Against the
+    reference, NaN and Inf where invalid; in place (out=x) as out of place."""
+    from instnorm_numba._kernels import masked_slabs
+
+    r = rng((dtype, density, "row mask blocks"))
+    N, L, C = 2, 3000, 80
+    x = make(r, (N, L, C), dtype)
+    if density == "one invalid row":
+        m = np.ones((N, L), bool)
+        m[:, 1234] = False
+    else:
+        m = r.random((N, L)) < density
+    share = m[:, :204].mean()  # the first block of rows (16384 // 80 = 204 rows)
+    assert masked_slabs.HALF_BLOCK_ELEMS // C == 204
+    assert (share >= masked_slabs.DENSE_BLOCK_SHARE) == (density in (0.9, "one invalid row"))
+    x[~m] = np.nan
+    x[~m & (r.random((N, L)) < 0.5)] = np.inf
+    w, b = r.standard_normal(C), r.standard_normal(C)
+    y, _, _, _ = check(x, weight=w, bias=b, channel_axis=-1, mask=m)
+    xc = x.copy()
+    assert instance_norm(xc, w, b, channel_axis=-1, mask=m, out=xc) is xc
+    np.testing.assert_array_equal(xc, y)
+
+
 @pytest.fixture
 def split_spy(monkeypatch):
     """Four threads as far as the plan knows (whatever this machine has: the split kernels

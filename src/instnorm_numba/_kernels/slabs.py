@@ -359,10 +359,17 @@ def slab_apply(x2, y2, r0, r1, K, cm, a, b):
 CL_APPLY_STRETCH = 256
 
 
+@kernel(fastmath=FM_STRICT)
+def stretch_rows(C):
+    """Rows per flat stretch of the channels-last apply (about CL_APPLY_STRETCH elements)."""
+    return max(1, CL_APPLY_STRETCH // max(C, 1))
+
+
 @kernel(fastmath=FM_APPLY)
-def _slab_apply_folded(x2, y2, r0, r1, M, a, b):
-    """``y = (x - M) * a + b`` per channel over rows r0..r1, swept flat: stretches of whole
-    rows (about CL_APPLY_STRETCH elements) against coefficients tiled to the same length.
+def apply_tiled(x2, y2, r0, r1, M, a, b, mw, aw, bw):
+    """``y = (x - M) * a + b`` per channel over rows r0..r1, swept flat: stretches of
+    ``stretch_rows`` whole rows against ``mw``, ``aw``, ``bw``, the coefficients tiled to one
+    stretch (``tile``); the rows left over one by one.
 
     Row by row, a row of C = 64 float32 is exactly one pass of LLVM's vector body, preceded
     by its overlap checks on five arrays: 0.31 ns an element, twice the channels-first apply.
@@ -370,16 +377,12 @@ def _slab_apply_folded(x2, y2, r0, r1, M, a, b):
     C = x2.shape[1]
     xs = x2[r0:r1]
     ys = y2[r0:r1]
-    n = xs.shape[0]
-    rows = max(1, CL_APPLY_STRETCH // max(C, 1))
+    rows = stretch_rows(C)
     W = rows * C
-    nfull = n // rows
+    nfull = xs.shape[0] // rows
     i0 = nfull * rows
     xf = flat_rows(xs, i0)
     yf = flat_rows(ys, i0)
-    mw = tile(M, W)
-    aw = tile(a, W)
-    bw = tile(b, W)
     for j in range(nfull):
         xsub = xf[j * W : (j + 1) * W]
         ysub = yf[j * W : (j + 1) * W]
@@ -390,6 +393,13 @@ def _slab_apply_folded(x2, y2, r0, r1, M, a, b):
     for i in range(xr.shape[0]):
         for c in range(C):
             yr[i, c] = affine_like(xr[i, c], M[c], a[c], b[c], yr)
+
+
+@kernel(fastmath=FM_STRICT)
+def _slab_apply_folded(x2, y2, r0, r1, M, a, b):
+    """``apply_tiled``, the coefficients tiled here."""
+    W = stretch_rows(x2.shape[1]) * x2.shape[1]
+    apply_tiled(x2, y2, r0, r1, M, a, b, tile(M, W), tile(a, W), tile(b, W))
 
 
 @kernel(fastmath=FM_STRICT)
