@@ -7,11 +7,15 @@ The audio case: ``16 x 80 x 3000`` (N, C, L) with ``lengths`` drawn uniformly be
   holding as many elements as the valid prefixes (``Lbar`` their mean length); also over the
   sum of the 16 dense calls on the prefixes themselves;
 * ``mask`` (the same prefixes as a boolean ``(N, L)`` mask, and a random mask of density 0.5,
-  shared by the channels and per channel) over the dense call on the full array.
+  shared by the channels and per channel) over the dense call on the full array;
+* what the padded layout itself costs the memory system, without normalization: NumPy copying
+  the valid prefixes from ``x`` into ``out`` (the elements ``lengths`` reads and writes, in
+  their padded places) over NumPy copying the packed array.
 
 ``--few-long`` times the other extreme too: one instance of ``FEW_LONG`` elements (N = C = 1),
 which the kernels split across the threads (dense, lengths and masks alike), forward and
-backward; ``lengths`` is 3/4 of the length.
+backward; ``lengths`` is 3/4 of the length.  ``--batch N`` takes N samples instead of 16 (with
+2 or 4 the audio case fits in the cache).
 
 Run under the bench lock (the machine is shared):
 
@@ -54,17 +58,17 @@ def _median_ms(fns, blocks, number):
     }
 
 
-def case(dtype: str, layout: str, seed: int = 0):
+def case(dtype: str, layout: str, seed: int = 0, shape=SHAPE):
     rng = np.random.default_rng(seed)
-    N, C, L = SHAPE
+    N, C, L = shape
     lengths = rng.integers(LOW, HIGH + 1, N)
-    x = (rng.standard_normal(SHAPE, dtype=np.float32) * 2.0 + 0.5).astype(dtype)
+    x = (rng.standard_normal(shape, dtype=np.float32) * 2.0 + 0.5).astype(dtype)
     lbar = int(round(lengths.mean()))
     packed = np.ascontiguousarray(x[:, :, :lbar])
     prefixes = [np.ascontiguousarray(x[n : n + 1, :, : lengths[n]]) for n in range(N)]
     prefix_mask = np.arange(L)[None, :] < lengths[:, None]
     random_mask = rng.random((N, L)) < 0.5
-    per_channel = rng.random(SHAPE) < 0.5
+    per_channel = rng.random(shape) < 0.5
     axis = 1
     if layout == "channels_last":
         axis = -1
@@ -126,18 +130,27 @@ def run_few_long(dtype: str, layout: str, blocks: int, number: int):
     return t, tmin, ratios
 
 
-def run(dtype: str, layout: str, blocks: int, number: int):
-    d = case(dtype, layout)
+def run(dtype: str, layout: str, blocks: int, number: int, shape=SHAPE):
+    d = case(dtype, layout, shape=shape)
     x, ax = d["x"], d["axis"]
     out = np.empty_like(x)
     pout = np.empty_like(d["packed"])
     prefix_outs = [np.empty_like(p) for p in d["prefixes"]]
+    valid = [(slice(n, n + 1), slice(None), slice(0, k)) for n, k in enumerate(d["lengths"])]
+    if ax == -1:
+        valid = [(n, k, c) for n, c, k in valid]
 
     def dense_prefixes():
         for p, o in zip(d["prefixes"], prefix_outs, strict=True):
             instance_norm(p, channel_axis=ax, out=o)
 
+    def copy_prefixes():
+        for v in valid:
+            np.copyto(out[v], x[v])
+
     fns = {
+        "copy_packed": lambda: np.copyto(pout, d["packed"]),
+        "copy_prefixes": copy_prefixes,
         "dense_full": lambda: instance_norm(x, channel_axis=ax, out=out),
         "dense_same_elements": lambda: instance_norm(d["packed"], channel_axis=ax, out=pout),
         "dense_prefix_calls": dense_prefixes,
@@ -162,6 +175,7 @@ def _ratios(t, tag):
     return {
         tag + "lengths / dense_same_elements": t["lengths"] / t["dense_same_elements"],
         tag + "lengths / dense_prefix_calls": t["lengths"] / t["dense_prefix_calls"],
+        tag + "copy_prefixes / copy_packed": t["copy_prefixes"] / t["copy_packed"],
         tag + "mask_prefix / dense_full": t["mask_prefix"] / t["dense_full"],
         tag + "mask_random / dense_full": t["mask_random"] / t["dense_full"],
         tag + "mask_per_channel / dense_full": t["mask_per_channel"] / t["dense_full"],
@@ -177,6 +191,12 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--threads", type=int, default=0, help="numba.set_num_threads (0: default)")
     p.add_argument("--few-long", action="store_true", help=f"one instance {FEW_LONG} instead")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=SHAPE[0],
+        help=f"N of the audio case (default {SHAPE[0]}; fewer fit in the cache)",
+    )
     a = p.parse_args(argv)
     dtypes = ["float32", "float16", "float64"] if a.dtype == "all" else [a.dtype]
     layouts = ["channels_first", "channels_last"] if a.layout == "both" else [a.layout]
@@ -184,13 +204,16 @@ def main(argv=None):
 
     if a.threads:
         numba.set_num_threads(a.threads)
-    report = {"shape": FEW_LONG if a.few_long else SHAPE, "threads": numba.get_num_threads()}
+    shape = FEW_LONG if a.few_long else (a.batch,) + SHAPE[1:]
+    report = {"shape": shape, "threads": numba.get_num_threads()}
     report["lengths"] = [LOW, HIGH]
     for dt in dtypes:
         for lay in layouts:
-            t, tmin, r = (run_few_long if a.few_long else run)(dt, lay, a.blocks, a.number)
+            if a.few_long:
+                t, tmin, r = run_few_long(dt, lay, a.blocks, a.number)
+            else:
+                t, tmin, r = run(dt, lay, a.blocks, a.number, shape)
             report[f"{dt}/{lay}"] = {"median_ms": t, "min_ms": tmin, "ratios": r}
-            shape = FEW_LONG if a.few_long else SHAPE
             print(f"{'x'.join(map(str, shape))} {dt} {lay} (threads={report['threads']})")
             for k, v in t.items():
                 print(f"  {k:<31s} {v:8.3f} ms median {tmin[k]:8.3f} ms min")
