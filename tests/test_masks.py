@@ -320,6 +320,28 @@ def test_channels_last_row_mask_dense_and_sparse_blocks(dtype, density):
     np.testing.assert_array_equal(xc, y)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("C", [3, 20])
+def test_channels_last_per_channel_mask_staggered_first_rows(dtype, C):
+    """A mask per channel whose channels start at different rows (0, a few, thousands in, one
+    never): each channel's shift comes from its own first block of valid rows, on data far
+    from zero (a shift from another channel's rows would cost the moments their precision)."""
+    r = rng((dtype, C, "staggered"))
+    N, L = 2, 6000
+    x = make(r, (N, L, C), np.float64, 300.0 if dtype == "float16" else 3e4).astype(dtype)
+    x += np.arange(C) * (8.0 if dtype == "float16" else 500.0)  # channels far apart
+    m = r.random((N, L, C)) < 0.4
+    starts = r.integers(0, L - 100, (N, C))
+    starts[:, 0] = 0
+    starts[:, 1] = 3
+    for n in range(N):
+        for c in range(C):
+            m[n, : starts[n, c], c] = False
+    m[1, :, C - 1] = False  # a channel with no valid element
+    x[~m] = np.nan
+    check(x, weight=r.standard_normal(C), bias=r.standard_normal(C), channel_axis=-1, mask=m)
+
+
 @pytest.fixture
 def split_spy(monkeypatch):
     """Four threads as far as the plan knows (whatever this machine has: the split kernels
