@@ -293,12 +293,12 @@ def test_channels_last_mask_blocks_empty_full_and_mixed(dtype, kind, C):
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("density", [0.1, 0.5, 0.9, "one invalid row"])
-def test_channels_last_row_mask_dense_and_sparse_blocks(dtype, density):
-    """A row mask (one per sample) of every density over channels-last slabs of 80 channels:
-    float16 blocks with at least ``DENSE_BLOCK_SHARE`` valid rows are normalized whole and
-    their invalid rows zeroed after, sparser ones (and other dtypes) by runs.  Against the
-    reference, NaN and Inf where invalid; in place (out=x) as out of place."""
-    from instnorm_numba._kernels import masked_slabs
+def test_channels_last_row_mask_densities(dtype, density):
+    """A row mask (one per sample) of every density over channels-last slabs of 80 channels,
+    NaN and Inf where invalid: against the reference, in place (out=x) as out of place.
+    float16 (in float32) goes row by row with the mask as bit masks: the same bits as by runs
+    (``_rowmask_runs``, the path of the other dtypes)."""
+    from instnorm_numba._kernels import masked_slabs, slabs
 
     r = rng((dtype, density, "row mask blocks"))
     N, L, C = 2, 3000, 80
@@ -308,9 +308,6 @@ def test_channels_last_row_mask_dense_and_sparse_blocks(dtype, density):
         m[:, 1234] = False
     else:
         m = r.random((N, L)) < density
-    share = m[:, :204].mean()  # the first block of rows (16384 // 80 = 204 rows)
-    assert masked_slabs.HALF_BLOCK_ELEMS // C == 204
-    assert (share >= masked_slabs.DENSE_BLOCK_SHARE) == (density in (0.9, "one invalid row"))
     x[~m] = np.nan
     x[~m & (r.random((N, L)) < 0.5)] = np.inf
     w, b = r.standard_normal(C), r.standard_normal(C)
@@ -318,6 +315,16 @@ def test_channels_last_row_mask_dense_and_sparse_blocks(dtype, density):
     xc = x.copy()
     assert instance_norm(xc, w, b, channel_axis=-1, mask=m, out=xc) is xc
     np.testing.assert_array_equal(xc, y)
+    if dtype == "float16":
+        xk, m1 = x[0].view(np.uint16), m[0].view(np.uint8)
+        K, cm, a, bb = np.zeros(C), r.random(C) - 0.5, w, b
+        mode, M, M32, a32, b32 = slabs.apply_mode(xk, K, cm, a, bb)
+        assert mode == 2  # float16 in float32 arithmetic
+        by_bits, by_runs = np.empty_like(xk), np.empty_like(xk)
+        masked_slabs._rowmask_select_half(xk, m1, by_bits, M32, a32, b32)
+        masked_slabs._rowmask_runs(xk, m1, by_runs, 0, L, 2, K, cm, M, a, bb, M32, a32, b32)
+        np.testing.assert_array_equal(by_bits, by_runs)
+        assert not by_bits[m1 == 0].any()  # invalid rows: +0
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])

@@ -8,8 +8,8 @@ elements as the shift, the dense apply then a select of 0), per channel.
 One mask for all channels is a row mask: the dense slab code takes it (``slabs.slab_moments``
 and ``slabs_backward.slab_bwd_sums`` with a row mask: blocks whose rows are all valid go
 through the dense block kernels), and runs of at least ``RUN_MIN_ROWS`` valid rows go through
-the dense apply; other rows branch.  float16 (normalized in float32) goes by blocks of rows
-instead: mostly valid blocks through the dense apply, their invalid rows zeroed after.  A mask
+the dense apply; other rows branch.  float16 (normalized in float32) goes row by row instead,
+the mask as bit masks on the input and the result, without a branch.  A mask
 per channel selects each element.  An instance with no valid element gets NaN statistics,
 zeros in its output and zero sums in the backward.
 
@@ -22,7 +22,8 @@ Slabs few against the threads are split into row chunks, as the dense ones are
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.extending import overload
 
 from .._jit import FM_APPLY, FM_REDUCE, FM_STRICT, kernel
 from .elements import (
@@ -37,7 +38,6 @@ from .masked_rows import first_valid
 from .moments import merge_moments, task_span
 from .slabs import (
     apply_mode,
-    apply_tiled,
     flat_rows,
     rowmask_block_sum,
     slab_block_rows,
@@ -51,10 +51,6 @@ from .slabs_backward import bwd_workspace, slab_bwd_coeffs, slab_bwd_sums
 
 #: channels-last row masks: runs of at least this many valid rows use the dense apply
 RUN_MIN_ROWS = 16
-#: float16 row masks are normalized by blocks of rows of about this many elements; a block
-#: with at least this share of valid rows as dense, then its invalid rows zeroed
-HALF_BLOCK_ELEMS = 16384
-DENSE_BLOCK_SHARE = 0.75
 
 # --------------------------------------------------------------------------------------------
 # masks, channels-last slabs: x (N, L, C), mask (N, L, Cm)
@@ -101,53 +97,47 @@ def _rowmask_runs(x2, m1, y2, r0, r1, mode, K, cm, M, a, b, M32, a32, b32):
 
 
 @kernel(fastmath=FM_APPLY)
-def _zero_invalid(y2, m1, r0, r1):
-    """The invalid rows of ``r0:r1`` set to 0."""
-    C = y2.shape[1]
-    z = cast_like(0.0, y2)
-    for i in range(r0, r1):
-        if m1[i] == 0:
-            yr = y2[i]
-            for c in range(C):
-                yr[c] = z
+def _rowmask_select_half(x2, m1, y2, M32, a32, b32):
+    """float16 in float32 (mode 2), every row without a branch: the row's mask byte becomes a
+    bit mask (all ones or zero) that is ANDed into each input (an invalid NaN or Inf reads as
+    +0) and into each result (an invalid row stores +0).
 
-
-@kernel(fastmath=FM_STRICT)
-def _rowmask_blocks_half(x2, m1, y2, K, cm, M, a, b, M32, a32, b32):
-    """float16 in float32 (mode 2) by blocks of rows: a block with at least
-    DENSE_BLOCK_SHARE of its rows valid is normalized whole, as dense (``slabs.apply_tiled``),
-    and its invalid rows are set to 0 after, while it is in cache; sparser blocks go by runs.
-
-    By runs, each short run of float16 rows ends in a scalar tail of conversions.  Measured
-    (16 slabs of 3000 x 80, 2 threads, the apply alone): a random row mask of density 0.9
-    cost 1.33-1.84 ms by runs against 0.43-0.48 ms by blocks (the dense apply: 0.29-0.43);
-    at density 0.5 the two were within noise, at 0.1 the runs were cheaper, hence the
-    share."""
-    L = x2.shape[0]
+    By runs (``_rowmask_runs``) each run of a random mask paid a mispredicted end, a loop
+    set-up and the vector loop's overlap checks: at density 0.5, about 1500 runs per slab of
+    3000 x 80 at about 70 ns each.  Measured (16 slabs of 3000 x 80 in turn, one thread, per
+    slab; the dense apply 28-39 us): density 0.1 37.7 -> 26.2 us, 0.3 62.4 -> 30.3, 0.5
+    81.2 -> 37.9, 0.7 69.8 -> 30.6, 0.9 71.8 -> 39.9 (then by blocks, dense then zeroed).
+    The results are the same bits."""
     C = x2.shape[1]
-    rb = max(RUN_MIN_ROWS, HALF_BLOCK_ELEMS // max(C, 1))
-    W = stretch_rows(C) * C
-    mw, aw, bw = tile(M32, W), tile(a32, W), tile(b32, W)
-    for r0 in range(0, L, rb):
-        r1 = min(L, r0 + rb)
-        nv = 0
-        for i in range(r0, r1):
-            nv += m1[i] != 0
-        if nv >= DENSE_BLOCK_SHARE * (r1 - r0):
-            apply_tiled(x2, y2, r0, r1, M32, a32, b32, mw, aw, bw)
-            if nv < r1 - r0:
-                _zero_invalid(y2, m1, r0, r1)
-        else:
-            _rowmask_runs(x2, m1, y2, r0, r1, 2, K, cm, M, a, b, M32, a32, b32)
+    for i in range(x2.shape[0]):
+        bits = np.uint16(0xFFFF) if m1[i] != 0 else np.uint16(0)
+        xr = x2[i]
+        yr = y2[i]
+        for c in range(C):
+            v = affine_like(_and_bits(xr[c], bits), M32[c], a32[c], b32[c], yr)
+            yr[c] = _and_bits(v, bits)
+
+
+def _and_bits(v, bits):  # pragma: no cover - replaced by the overload inside kernels
+    return v & bits
+
+
+@overload(_and_bits)
+def _ov_and_bits(v, bits):
+    """``v & bits`` for float16 bits; other data never takes the float16 path (typed only)."""
+    if isinstance(v, types.Integer):
+        return lambda v, bits: v & bits
+    return lambda v, bits: v
 
 
 @kernel(fastmath=FM_STRICT)
 def rowmask_normalize(x2, m1, y2, K, cm, a, b):
     """``y = ((x - K) - cm) * a + b`` on the valid rows, 0 on the others: float16 in float32
-    by blocks (``_rowmask_blocks_half``), other data by runs (``_rowmask_runs``)."""
+    row by row without a branch (``_rowmask_select_half``), other data by runs
+    (``_rowmask_runs``)."""
     mode, M, M32, a32, b32 = apply_mode(x2, K, cm, a, b)
     if mode == 2:
-        _rowmask_blocks_half(x2, m1, y2, K, cm, M, a, b, M32, a32, b32)
+        _rowmask_select_half(x2, m1, y2, M32, a32, b32)
     else:
         _rowmask_runs(x2, m1, y2, 0, x2.shape[0], mode, K, cm, M, a, b, M32, a32, b32)
 
