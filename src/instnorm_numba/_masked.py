@@ -34,7 +34,6 @@ from ._api import (
 from ._args import (
     _fmt_shape,
     as_array,
-    check_out,
 )
 from ._jit import dispatch, num_threads
 
@@ -97,14 +96,14 @@ def resolve(mask, lengths, ma_mask, shape, axis: int, L: int) -> Valid:
         )
     if lengths is not None:
         arr = _lengths(lengths, shape)
-        bad = (arr < 0) | (arr > L)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
+        lo, hi = (arr.min(), arr.max()) if arr.size else (0, 0)  # (2 reductions, not 4)
+        if lo < 0 or hi > L:
+            i = int(np.flatnonzero((arr < 0) | (arr > L))[0])
             raise ValueError(
                 f"lengths must lie in 0..{L} (the spatial length of x); got lengths[{i}]={arr[i]}"
             )
         out = np.ascontiguousarray(arr, dtype=np.int64)
-        return Valid(out, None, None, bool((out == L).all()))
+        return Valid(out, None, None, bool(lo == L))
     if ma_mask is not None:
         valid = ~ma_mask
         return Valid(None, valid, ma_mask, bool(valid.all()))
@@ -165,24 +164,16 @@ def _split_forward(lay, xk, yk, lengths, mk, w, b, eps, nch):
             dispatch(K.cl_len_partial, True, xk, lengths, nch, shift, pn, pmean, pm2)
     elif cf:
         Cm = mk.shape[0] // N
-        dispatch(K.cf_mask_shift, True, xk, mk, Cm, C, shift)
+        dispatch(K.cf_mask_shift, False, xk, mk, Cm, C, shift)  # (few rows)
         dispatch(K.cf_mask_partial, True, xk, mk, Cm, C, nch, shift, pn, pmean, pm2)
     else:
-        dispatch(K.cl_mask_shift, True, xk, mk, shift)
+        dispatch(K.cl_mask_shift, False, xk, mk, shift)  # (few slabs)
         dispatch(K.cl_mask_partial, True, xk, mk, nch, shift, pn, pmean, pm2)
-    cm = np.empty((G, Cp))
-    m2 = np.empty((G, Cp))
-    K.merge_partials(pn, pmean, pm2, cm, m2)
-    count = pn.sum(axis=1)  # (G,) or, per channel, (G, C)
-    count = np.broadcast_to(count if count.ndim == 2 else count[:, None], cm.shape)
-    empty = count == 0
-    var = np.where(empty, np.nan, m2 / np.where(empty, 1.0, count))
-    mean = np.where(empty, np.nan, shift.reshape(G, -1) + cm)
-    ww = np.tile(w, N).reshape(G, 1) if cf else w
-    a = np.where(empty, 0.0, ww / np.sqrt(var + eps))
-    bb = np.ascontiguousarray(np.broadcast_to(np.tile(b, N).reshape(G, 1) if cf else b, a.shape))
+    mean, var, count, cm, a, bb = (np.empty((G, Cp)) for _ in range(6))
+    stats = (mean, var, count, cm, a, bb)
+    K.finish_partials(pn, pmean, pm2, shift.reshape(G, Cp), w, b, eps, *stats)
     if cf:
-        args = (nch, shift, cm[:, 0].copy(), a[:, 0].copy(), bb[:, 0].copy())
+        args = (nch, shift, cm.reshape(-1), a.reshape(-1), bb.reshape(-1))
         if lengths is not None:
             dispatch(K.cf_len_apply_split, True, xk, yk, lengths, C, *args)
         else:
@@ -191,8 +182,7 @@ def _split_forward(lay, xk, yk, lengths, mk, w, b, eps, nch):
         dispatch(K.cl_len_apply_split, True, xk, yk, lengths, nch, shift, cm, a, bb)
     else:
         dispatch(K.cl_mask_apply, True, xk, mk, yk, nch, shift, cm, a, bb)
-    shape = (N, C)
-    return mean.reshape(shape), var.reshape(shape), np.array(count, dtype=np.float64).reshape(shape)
+    return mean.reshape(N, C), var.reshape(N, C), count.reshape(N, C)
 
 
 def _split_backward(lay, xk, gk, dk, lengths, mk, count, mean, rstd, w, sdy, sdyx, nch):
@@ -275,10 +265,11 @@ def forward(
     return_stats,
     valid: Valid,
 ):
-    """``instance_norm`` over the valid elements only (arguments already checked by ``_api``)."""
-    from ._api import instance_norm
-
+    """``instance_norm`` over the valid elements only (arguments already checked by ``_api``,
+    ``out`` too)."""
     if valid.dense:  # every element valid: the dense kernels, exactly the unmasked result
+        from ._api import instance_norm
+
         res = instance_norm(
             x,
             w,
@@ -297,8 +288,6 @@ def forward(
         return _remask(res, valid, out)
 
     out_arr = _out_data(out)
-    if out_arr is not None:
-        check_out(out_arr, x.shape, dtype)
     lay = canonicalize(x, axis, dtype)
     y, result, target = prepare_output(lay, x, out_arr, dtype)
     N, C = lay.N, lay.C
@@ -307,17 +296,16 @@ def forward(
     split = nch > 1  # few long instances: split across the threads as the dense ones are
     T = num_threads() if parallel else 1  # (the lengths kernels share out rows by cost)
     cf = lay.kind == "cf"
-    if valid.lengths is not None:
-        lengths, mk, Cm = valid.lengths, None, 0
-        count = np.broadcast_to(lengths.astype(np.float64)[:, None], (N, C))
-    else:
-        lengths = None
+    lengths = valid.lengths
+    mk, Cm = None, 0
+    count = None  # (N, C) valid elements per instance: made for lengths only when needed
+    if lengths is None:
         mk, Cm = _canonical_mask(valid, lay)
         count = np.empty((N, C))
     with np.errstate(all="ignore"):
         if use_input_stats:
-            mean = np.full((N, C), np.nan)
-            var = np.full((N, C), np.nan)
+            # the kernels fill every instance's statistics (NaN where none is valid)
+            mean, var = (np.empty((N, C)) for _ in "mv") if y.size else _nan_stats(N, C)
             if y.size and split:
                 mean, var, count = _split_forward(lay, xk, yk, lengths, mk, w, b, eps, nch)
             elif y.size and lengths is not None:
@@ -334,7 +322,8 @@ def forward(
                     dispatch(K.cl_mask_fused, parallel, xk, mk, yk, w, b, eps, mean, var, count)
             else:
                 count = np.zeros((N, C))
-            rstd = 1.0 / np.sqrt(var + eps)
+            if return_stats:
+                rstd = 1.0 / np.sqrt(var + eps)
         else:
             mean = np.ascontiguousarray(
                 np.broadcast_to(np.asarray(running_mean, dtype=np.float64), (N, C))
@@ -368,11 +357,18 @@ def forward(
             np.copyto(target, lay.restore(y))
             result = target
         if update and N > 0:
+            if count is None:
+                count = np.broadcast_to(lengths.astype(np.float64)[:, None], (N, C))
             _running_update(running_mean, running_var, mean, var, count, momentum)
     result = _remask(result, valid, out)
     if return_stats:
         return result, mean, rstd
     return result
+
+
+def _nan_stats(N: int, C: int):
+    """The statistics of instances without elements: NaN."""
+    return np.full((N, C), np.nan), np.full((N, C), np.nan)
 
 
 def _running_update(running_mean, running_var, mean, var, count, momentum):

@@ -154,7 +154,7 @@ from .masked_slabs import (
     cl_mask_partial,
     cl_mask_shift,
 )
-from .moments import bwd_finish, merge_partials
+from .moments import bwd_finish, finish_partials, merge_partials
 from .roofline import copy_chunks
 from .rows import SHORT_ROW as SHORT_ROW
 from .rows import cf_apply, cf_fused, cf_partial, cf_short
@@ -177,6 +177,7 @@ __all__ = [
     "cl_partial",
     "cl_apply",
     "merge_partials",
+    "finish_partials",
     "cf_bwd_fused",
     "cf_bwd_partial",
     "cf_bwd_apply",
