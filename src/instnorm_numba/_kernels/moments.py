@@ -307,12 +307,17 @@ def bwd_fold(m, xbar, a, mdy, k):
 @kernel(fastmath=FM_STRICT)
 def bwd_finish(L, ps0, ps1, ps2, rstd, w, xbar, a, mdy, k, sdy, sdyx):
     """Add chunk sums ``(G, nchunks, Cp)`` per instance; coefficients into ``(G, Cp)`` arrays.
-    ``L`` is every instance's element count, or a ``(G, Cp)`` array of counts (``at``)."""
+    ``L`` is every instance's element count, or a ``(G, Cp)`` array of counts (``at``); an
+    instance with none (masks) gets zero sums and zero coefficients."""
     G = ps0.shape[0]
     nch = ps0.shape[1]
     Cp = ps0.shape[2]
     for g in range(G):
         for c in range(Cp):
+            n = float(at(at(L, g), c))
+            if n == 0.0:
+                xbar[g, c] = a[g, c] = mdy[g, c] = k[g, c] = sdy[g, c] = sdyx[g, c] = 0.0
+                continue
             s0 = s1 = s2 = c0 = c1 = c2 = 0.0
             for j in range(nch):
                 s0, c0 = neumaier_add(s0, c0, ps0[g, j, c])
@@ -320,6 +325,6 @@ def bwd_finish(L, ps0, ps1, ps2, rstd, w, xbar, a, mdy, k, sdy, sdyx):
                 s2, c2 = neumaier_add(s2, c2, ps2[g, j, c])
             s0 += c0
             xbar[g, c], a[g, c], mdy[g, c], k[g, c], sdyx[g, c] = bwd_coeffs(
-                float(at(at(L, g), c)), s0, s1 + c1, s2 + c2, rstd[g, c], w[g, c]
+                n, s0, s1 + c1, s2 + c2, rstd[g, c], w[g, c]
             )
             sdy[g, c] = s0
