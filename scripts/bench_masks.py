@@ -10,7 +10,10 @@ The audio case: ``16 x 80 x 3000`` (N, C, L) with ``lengths`` drawn uniformly be
   shared by the channels and per channel) over the dense call on the full array;
 * what the padded layout itself costs the memory system, without normalization: NumPy copying
   the valid prefixes from ``x`` into ``out`` (the elements ``lengths`` reads and writes, in
-  their padded places) over NumPy copying the packed array.
+  their padded places) over NumPy copying the packed array;
+* and with it: ``lengths`` all equal to ``Lbar`` (the packed array's elements, in their padded
+  places, the padding written with zeros) over the dense call on the packed array: the same
+  rows, only the row stride and the zeros differ.
 
 ``--few-long`` times the other extreme too: one instance of ``FEW_LONG`` elements (N = C = 1),
 which the kernels split across the threads (dense, lengths and masks alike), forward and
@@ -140,6 +143,8 @@ def run(dtype: str, layout: str, blocks: int, number: int, shape=SHAPE):
     if ax == -1:
         valid = [(n, k, c) for n, c, k in valid]
 
+    uniform = np.full_like(d["lengths"], d["packed"].shape[2 if ax == 1 else 1])
+
     def dense_prefixes():
         for p, o in zip(d["prefixes"], prefix_outs, strict=True):
             instance_norm(p, channel_axis=ax, out=o)
@@ -155,6 +160,7 @@ def run(dtype: str, layout: str, blocks: int, number: int, shape=SHAPE):
         "dense_same_elements": lambda: instance_norm(d["packed"], channel_axis=ax, out=pout),
         "dense_prefix_calls": dense_prefixes,
         "lengths": lambda: instance_norm(x, channel_axis=ax, out=out, lengths=d["lengths"]),
+        "lengths_uniform": lambda: instance_norm(x, channel_axis=ax, out=out, lengths=uniform),
         "mask_prefix": lambda: instance_norm(x, channel_axis=ax, out=out, mask=d["prefix_mask"]),
         "mask_random": lambda: instance_norm(x, channel_axis=ax, out=out, mask=d["random_mask"]),
         "mask_per_channel": lambda: instance_norm(
@@ -176,6 +182,8 @@ def _ratios(t, tag):
         tag + "lengths / dense_same_elements": t["lengths"] / t["dense_same_elements"],
         tag + "lengths / dense_prefix_calls": t["lengths"] / t["dense_prefix_calls"],
         tag + "copy_prefixes / copy_packed": t["copy_prefixes"] / t["copy_packed"],
+        tag + "lengths_uniform / dense_same_elements": t["lengths_uniform"]
+        / t["dense_same_elements"],
         tag + "mask_prefix / dense_full": t["mask_prefix"] / t["dense_full"],
         tag + "mask_random / dense_full": t["mask_random"] / t["dense_full"],
         tag + "mask_per_channel / dense_full": t["mask_per_channel"] / t["dense_full"],

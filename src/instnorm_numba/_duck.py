@@ -9,8 +9,10 @@ plain ``numpy.ndarray``, lists, scalars,    used as they are (``np.asarray``)
 objects with only ``__array__``
 ndarray subclasses (``np.memmap``, ...)     read as their ndarray data; results are plain
                                             ndarrays
-``numpy.ma.MaskedArray``                    TypeError: masks are not supported yet (``np.asarray``
-                                            would drop the mask and normalize masked values)
+``numpy.ma.MaskedArray``                    ``x``: normalized over its unmasked elements (README
+                                            "Masks and variable lengths"); ``grad_output``,
+                                            ``out``: their data is used; any other argument:
+                                            TypeError (``np.asarray`` would drop the mask)
 ``numpy.matrix``                            TypeError (2-D only, ``*`` is a matrix product)
 dask arrays                                 TypeError: ``np.asarray`` would compute the whole
                                             graph into memory, silently
