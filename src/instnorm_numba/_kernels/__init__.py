@@ -77,7 +77,7 @@ split                                the part holding each instance's first elem
                                      (``lengths.balanced_tasks``).  ``*_len_apply`` with
                                      running statistics, ``*_bwd_len_fused`` backward.
                                      Split as the dense ones are (same ``_api.layout_plan``):
-                                     ``*_len_partial`` -> ``merge_partials`` ->
+                                     ``*_len_partial`` -> ``finish_partials`` ->
                                      ``*_len_apply_split``, chunks of each valid prefix and of
                                      each padding
 ``mask=`` (or a MaskedArray)         ``cf_mask_fused``: a row per task, moments with a select
@@ -89,7 +89,7 @@ split                                the part holding each instance's first elem
                                      selects each element.
                                      ``*_mask_apply``, ``*_mask_count``, ``*_bwd_mask_fused``.
                                      Split as the dense ones are: ``*_mask_shift`` ->
-                                     ``*_mask_partial`` -> ``merge_partials`` (counts per
+                                     ``*_mask_partial`` -> ``finish_partials`` (counts per
                                      chunk, per channel for channels-last) ->
                                      ``*_mask_apply``.  The backwards likewise:
                                      ``*_bwd_len_partial`` / ``*_bwd_mask_partial`` ->
