@@ -203,14 +203,15 @@ def _split_backward(lay, xk, gk, dk, lengths, mk, count, mean, rstd, w, sdy, sdy
             dispatch(K.cf_bwd_len_partial, True, xk, gk, lengths, C, mg, nch, ps0, ps1, ps2)
         else:
             dispatch(K.cl_bwd_len_partial, True, xk, gk, lengths, mg, nch, ps0, ps1, ps2)
-    elif cf:
-        dispatch(K.cf_bwd_mask_partial, True, xk, gk, mk, Cm, C, mg, nch, ps0, ps1, ps2)
-    else:
-        dispatch(K.cl_bwd_mask_partial, True, xk, gk, mk, mg, nch, ps0, ps1, ps2)
-    if count.shape == (N, C) and count.dtype == np.float64 and count.flags.c_contiguous:
-        n = count.reshape(G, Cp)  # (the mask counts)
-    else:
-        n = np.ascontiguousarray(np.broadcast_to(count, (N, C)), dtype=np.float64).reshape(G, Cp)
+    else:  # a mask: the chunks' counts come with their sums
+        pc = np.empty((G, nch, C if not cf else 1))
+        if cf:
+            args = (Cm, C, mg, nch, ps0, ps1, ps2, pc)
+            dispatch(K.cf_bwd_mask_partial, True, xk, gk, mk, *args)
+        else:
+            dispatch(K.cl_bwd_mask_partial, True, xk, gk, mk, mg, nch, ps0, ps1, ps2, pc)
+        count = pc.sum(axis=1).reshape(N, C)
+    n = np.ascontiguousarray(np.broadcast_to(count, (N, C)), dtype=np.float64).reshape(G, Cp)
     wg = np.ascontiguousarray(np.broadcast_to(w, (N, C))).reshape(G, Cp)
     rg = np.ascontiguousarray(rstd, dtype=np.float64).reshape(G, Cp)
     xbar, a, mdy, k = (np.empty((G, Cp)) for _ in range(4))
@@ -413,15 +414,17 @@ def backward(g, x, mean, rstd, w, axis, dtype, out, valid: Valid):
         parallel, nch = layout_plan(lay)
         T = num_threads() if parallel else 1
         cf = lay.kind == "cf"
-        if valid.lengths is None:
-            mk, Cm = _canonical_mask(valid, lay)
-            count = np.empty((N, C))
-            if cf:
-                dispatch(K.cf_mask_count, parallel, mk, Cm, N * C, C, count.reshape(-1))
-            else:
-                dispatch(K.cl_mask_count, parallel, mk, C, count)
-        else:
+        if valid.lengths is not None:
             mk, Cm, count = None, 0, valid.lengths[:, None]
+        else:
+            mk, Cm = _canonical_mask(valid, lay)
+            count = None  # (the split counts in its partial sums)
+            if nch <= 1:
+                count = np.empty((N, C))
+                if cf:
+                    dispatch(K.cf_mask_count, parallel, mk, Cm, N * C, C, count.reshape(-1))
+                else:
+                    dispatch(K.cl_mask_count, parallel, mk, C, count)
         stats = (mean, rstd, w, sdy, sdyx)
         if cf:
             rows = (mean.reshape(-1), rstd.reshape(-1), w, C, sdy.reshape(-1), sdyx.reshape(-1))

@@ -297,15 +297,22 @@ def cf_bwd_mask_fused(x, dy, dx, mask, Cm, count, mean, rstd, w, C, sdy_out, sdy
             sdyx_out[r] = sdyx
 
 
+@kernel(fastmath=FM_REDUCE)
+def count_valid(m, start, stop):
+    """Valid elements of ``m[start:stop]``, a row of a 0/1 mask."""
+    ms = m[start:stop]
+    s = 0
+    for i in range(ms.shape[0]):
+        s += ms[i]
+    return s
+
+
 @kernel(fastmath=FM_STRICT, parallel=True)
 def cf_mask_count(mask, Cm, R, C, count_out):
     """Valid elements of each row's instance (for the backward, which gets no counts)."""
     for r in prange(R):
         mr = mask_row(mask, r, C, Cm)
-        s = 0
-        for i in range(mr.shape[0]):
-            s += mr[i]
-        count_out[r] = float(s)
+        count_out[r] = float(count_valid(mr, 0, mr.shape[0]))
 
 
 # few long rows, split across the threads: chunk sums (added by ``moments.bwd_finish``), then
@@ -313,13 +320,16 @@ def cf_mask_count(mask, Cm, R, C, count_out):
 
 
 @kernel(fastmath=FM_STRICT, parallel=True)
-def cf_bwd_mask_partial(x, dy, mask, Cm, C, mean, nchunks, ps0, ps1, ps2):
-    """Backward sums of the valid elements of each of ``nchunks`` chunks of every row."""
+def cf_bwd_mask_partial(x, dy, mask, Cm, C, mean, nchunks, ps0, ps1, ps2, pc):
+    """Backward sums of the valid elements of each of ``nchunks`` chunks of every row, and
+    their count ``pc`` (the chunk's mask is in cache: a separate ``cf_mask_count`` of one long
+    row ran on one thread, 0.11 ms of a 1.39 ms backward of 2^21 float32 elements)."""
     R = x.shape[0]
     for t in prange(R * nchunks):
         r, j, s, e = task_span(t, nchunks, x.shape[1])
         mr = mask_row(mask, r, C, Cm)
         ps0[r, j, 0], ps1[r, j, 0], ps2[r, j, 0] = row_bwd_sums(x[r], dy[r], s, e, mean[r], mr)
+        pc[r, j, 0] = float(count_valid(mr, s, e))
 
 
 @kernel(fastmath=FM_STRICT, parallel=True)

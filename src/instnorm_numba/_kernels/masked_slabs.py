@@ -519,18 +519,23 @@ def cl_bwd_mask_fused(x, dy, dx, mask, count, mean, rstd, w, sdy_out, sdyx_out):
         slab_mbwd_apply(x[n], dy[n], mask[n], dx[n], mean[n], xbar, a, mdy, k)
 
 
+@kernel(fastmath=FM_STRICT)
+def slab_counts(m2, r0, r1, out):
+    """``out[c]`` = valid elements of channel ``c`` in rows ``r0:r1`` of a slab's mask
+    ``(L, Cm)`` (``Cm`` 1: the same count for every channel)."""
+    Cm = m2.shape[1]
+    for c in range(out.shape[0]):
+        out[c] = 0.0
+    for i in range(r0, r1):
+        for c in range(out.shape[0]):
+            out[c] += m2[i, c if Cm > 1 else 0]
+
+
 @kernel(fastmath=FM_STRICT, parallel=True)
 def cl_mask_count(mask, C, count_out):
     """Valid elements per ``(n, c)`` of a channels-last mask (N, L, Cm)."""
-    N = mask.shape[0]
-    L = mask.shape[1]
-    Cm = mask.shape[2]
-    for n in prange(N):
-        for c in range(C):
-            count_out[n, c] = 0.0
-        for i in range(L):
-            for c in range(C):
-                count_out[n, c] += mask[n, i, c if Cm > 1 else 0]
+    for n in prange(mask.shape[0]):
+        slab_counts(mask[n], 0, mask.shape[1], count_out[n])
 
 
 # few slabs, split across the threads: chunk sums (added by ``moments.bwd_finish``), then the
@@ -538,12 +543,13 @@ def cl_mask_count(mask, C, count_out):
 
 
 @kernel(fastmath=FM_STRICT, parallel=True)
-def cl_bwd_mask_partial(x, dy, mask, mean, nchunks, ps0, ps1, ps2):
+def cl_bwd_mask_partial(x, dy, mask, mean, nchunks, ps0, ps1, ps2, pc):
     """Per-channel backward sums of the valid elements of ``nchunks`` row chunks of every
-    slab."""
+    slab, and their per-channel counts ``pc`` (see ``cf_bwd_mask_partial``)."""
     for t in prange(x.shape[0] * nchunks):
         n, j, s, e = task_span(t, nchunks, x.shape[1])
         slab_bwd_sums(x[n], dy[n], s, e, mean[n], ps0[n, j], ps1[n, j], ps2[n, j], mask[n])
+        slab_counts(mask[n], s, e, pc[n, j])
 
 
 @kernel(fastmath=FM_STRICT, parallel=True)
