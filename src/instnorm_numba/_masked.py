@@ -96,7 +96,7 @@ def resolve(mask, lengths, ma_mask, shape, axis: int, L: int) -> Valid:
         )
     if lengths is not None:
         arr = _lengths(lengths, shape)
-        lo, hi = (arr.min(), arr.max()) if arr.size else (0, 0)  # (2 reductions, not 4)
+        lo, hi = (arr.min(), arr.max()) if arr.size else (L, L)  # (2 reductions, not 4)
         if lo < 0 or hi > L:
             i = int(np.flatnonzero((arr < 0) | (arr > L))[0])
             raise ValueError(
@@ -204,7 +204,7 @@ def _split_backward(lay, xk, gk, dk, lengths, mk, count, mean, rstd, w, sdy, sdy
         else:
             dispatch(K.cl_bwd_len_partial, True, xk, gk, lengths, mg, nch, ps0, ps1, ps2)
     else:  # a mask: the chunks' counts come with their sums
-        pc = np.empty((G, nch, C if not cf else 1))
+        pc = np.empty((G, nch, Cp))
         if cf:
             args = (Cm, C, mg, nch, ps0, ps1, ps2, pc)
             dispatch(K.cf_bwd_mask_partial, True, xk, gk, mk, *args)
@@ -307,8 +307,10 @@ def forward(
         count = np.empty((N, C))
     with np.errstate(all="ignore"):
         if use_input_stats:
-            # the kernels fill every instance's statistics (NaN where none is valid)
-            mean, var = (np.empty((N, C)) for _ in "mv") if y.size else _nan_stats(N, C)
+            if y.size:  # the kernels fill every instance's statistics (NaN where none is valid)
+                mean, var = np.empty((N, C)), np.empty((N, C))
+            else:
+                mean, var = np.full((N, C), np.nan), np.full((N, C), np.nan)
             if y.size and split:
                 mean, var, count = _split_forward(lay, xk, yk, lengths, mk, w, b, eps, nch)
             elif y.size and lengths is not None:
@@ -367,11 +369,6 @@ def forward(
     if return_stats:
         return result, mean, rstd
     return result
-
-
-def _nan_stats(N: int, C: int):
-    """The statistics of instances without elements: NaN."""
-    return np.full((N, C), np.nan), np.full((N, C), np.nan)
 
 
 def _running_update(running_mean, running_var, mean, var, count, momentum):
